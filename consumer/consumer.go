@@ -1,0 +1,228 @@
+// Package consumer owns one AMQP session of an agent: it dials the broker,
+// declares the topology (topic exchange, queue, binding), sets the prefetch
+// window and starts consuming. A Session is single-use: when it ends,
+// because the broker or the network closed it or because it was cancelled,
+// the caller opens a new one. Reconnect policy lives in the driver.
+package consumer
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"time"
+
+	amqp "github.com/rabbitmq/amqp091-go"
+)
+
+// Topology is what the session declares before it consumes.
+type Topology struct {
+	Exchange     string
+	ExchangeType string
+	Queue        string
+	RoutingKey   string
+	// Durable applies to the exchange and the queue.
+	Durable bool
+	// AutoDelete applies to the exchange and the queue.
+	AutoDelete bool
+	// Exclusive applies to the queue and the consumer, never to the
+	// exchange (whose third flag is "internal").
+	Exclusive bool
+	NoWait    bool
+}
+
+// Settings configure one session.
+type Settings struct {
+	// URL holds credentials: it is never put in an error or a log.
+	URL string
+	// Redacted is URL without its password, used in errors.
+	Redacted string
+	Topology
+	PrefetchCount int
+	PrefetchSize  int
+	AutoAck       bool
+	NoLocal       bool
+	// Name identifies the agent to the broker (connection name and
+	// consumer tag prefix).
+	Name        string
+	DialTimeout time.Duration
+}
+
+// Session is one connection, one channel and one consumer.
+type Session struct {
+	conn       *amqp.Connection
+	ch         *amqp.Channel
+	tag        string
+	deliveries <-chan amqp.Delivery
+	closed     chan *amqp.Error
+}
+
+// Open dials, declares the topology and starts consuming. Nothing is taken
+// off the queue before Open returns the session to its caller, who must
+// drain Deliveries until it is closed.
+func Open(ctx context.Context, s Settings) (*Session, error) {
+	conn, err := dial(ctx, s)
+	if err != nil {
+		return nil, fmt.Errorf("connect to %s: %w", s.Redacted, err)
+	}
+	sess, err := setUp(conn, s)
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	return sess, nil
+}
+
+func dial(ctx context.Context, s Settings) (*amqp.Connection, error) {
+	timeout := s.DialTimeout
+	if timeout <= 0 {
+		timeout = 10 * time.Second
+	}
+	props := amqp.NewConnectionProperties()
+	props.SetClientConnectionName(connectionName(s.Name))
+	props["product"] = "krakend-contrib/async-amqp"
+	return amqp.DialConfig(s.URL, amqp.Config{
+		Properties: props,
+		Dial: func(network, addr string) (net.Conn, error) {
+			d := net.Dialer{Timeout: timeout}
+			conn, err := d.DialContext(ctx, network, addr)
+			if err != nil {
+				return nil, err
+			}
+			// Bounds the TLS and AMQP handshakes; amqp091 clears it once
+			// the connection is open and heartbeats take over.
+			return conn, conn.SetDeadline(time.Now().Add(timeout))
+		},
+	})
+}
+
+func setUp(conn *amqp.Connection, s Settings) (*Session, error) {
+	ch, err := conn.Channel()
+	if err != nil {
+		return nil, fmt.Errorf("open channel: %w", err)
+	}
+	sess := &Session{conn: conn, ch: ch, tag: consumerTag(s.Name)}
+	sess.closed = ch.NotifyClose(make(chan *amqp.Error, 1))
+	if err := declare(ch, s.Topology); err != nil {
+		return nil, err
+	}
+	if err := ch.Qos(s.PrefetchCount, s.PrefetchSize, false); err != nil {
+		return nil, qosError(err, s)
+	}
+	sess.deliveries, err = ch.Consume(s.Queue, sess.tag, s.AutoAck, s.Exclusive, s.NoLocal, s.NoWait, nil)
+	if err != nil {
+		return nil, fmt.Errorf("consume from queue %q: %w", s.Queue, err)
+	}
+	return sess, nil
+}
+
+// declare maps the configuration to the three declarations in one place,
+// naming every positional flag.
+func declare(ch *amqp.Channel, t Topology) error {
+	const internal = false
+	err := ch.ExchangeDeclare(t.Exchange, t.ExchangeType, t.Durable, t.AutoDelete, internal, t.NoWait, nil)
+	if err != nil {
+		return exchangeError(err, t)
+	}
+	_, err = ch.QueueDeclare(t.Queue, t.Durable, t.AutoDelete, t.Exclusive, t.NoWait, nil)
+	if err != nil {
+		return queueError(err, t)
+	}
+	if err := ch.QueueBind(t.Queue, t.RoutingKey, t.Exchange, t.NoWait, nil); err != nil {
+		return fmt.Errorf("bind queue %q to exchange %q with routing key %q: %w", t.Queue, t.Exchange, t.RoutingKey, err)
+	}
+	return nil
+}
+
+func exchangeError(err error, t Topology) error {
+	if isCode(err, amqp.PreconditionFailed) {
+		return fmt.Errorf("declare exchange %q: it already exists with other settings than this agent's "+
+			"(type %s, durable %t, auto-delete %t); the broker says: %w",
+			t.Exchange, t.ExchangeType, t.Durable, t.AutoDelete, err)
+	}
+	return fmt.Errorf("declare exchange %q: %w", t.Exchange, err)
+}
+
+func queueError(err error, t Topology) error {
+	switch {
+	case isCode(err, amqp.PreconditionFailed):
+		return fmt.Errorf("declare queue %q: it already exists with other settings than this agent's "+
+			"(durable %t, auto-delete %t, exclusive %t); the broker says: %w",
+			t.Queue, t.Durable, t.AutoDelete, t.Exclusive, err)
+	case isCode(err, amqp.ResourceLocked):
+		return fmt.Errorf("declare queue %q: it is exclusive to another connection; the broker says: %w", t.Queue, err)
+	}
+	return fmt.Errorf("declare queue %q: %w", t.Queue, err)
+}
+
+func qosError(err error, s Settings) error {
+	if isCode(err, amqp.NotImplemented) && s.PrefetchSize != 0 {
+		return fmt.Errorf("set prefetch (basic.qos): the broker does not support prefetch_size %d "+
+			"(RabbitMQ only supports 0): %w", s.PrefetchSize, err)
+	}
+	return fmt.Errorf("set prefetch (basic.qos) to %d messages, %d bytes: %w", s.PrefetchCount, s.PrefetchSize, err)
+}
+
+func isCode(err error, code int) bool {
+	var aerr *amqp.Error
+	return errors.As(err, &aerr) && aerr.Code == code
+}
+
+// Deliveries is closed when the consumer is cancelled or the channel
+// closes; what was buffered is still handed out before it closes.
+func (s *Session) Deliveries() <-chan amqp.Delivery { return s.deliveries }
+
+// Err returns why the channel closed, or nil while it is open or when it
+// was closed by this client.
+func (s *Session) Err() error {
+	select {
+	case err, ok := <-s.closed:
+		if ok && err != nil {
+			return err
+		}
+	default:
+	}
+	return nil
+}
+
+// Tag is the consumer tag, as listed by rabbitmqctl list_consumers.
+func (s *Session) Tag() string { return s.tag }
+
+// Cancel asks the broker to stop deliveries (basic.cancel). Deliveries
+// already buffered are still handed out, then the channel is closed.
+func (s *Session) Cancel() error { return s.ch.Cancel(s.tag, false) }
+
+// Close closes the channel and the connection. Unacknowledged deliveries
+// go back to the queue.
+func (s *Session) Close() error {
+	chErr := s.ch.Close()
+	connErr := s.conn.Close()
+	if errors.Is(chErr, amqp.ErrClosed) {
+		chErr = nil
+	}
+	if errors.Is(connErr, amqp.ErrClosed) {
+		connErr = nil
+	}
+	return errors.Join(chErr, connErr)
+}
+
+func connectionName(agent string) string {
+	host, _ := os.Hostname()
+	return fmt.Sprintf("krakend-amqp %s@%s pid %d", agent, host, os.Getpid())
+}
+
+// consumerTag is unique per agent, process and session, so that a tag seen
+// in rabbitmqctl list_consumers leads back to the gateway that holds it.
+func consumerTag(agent string) string {
+	host, _ := os.Hostname()
+	var b [4]byte
+	_, _ = rand.Read(b[:])
+	tag := fmt.Sprintf("krakend-amqp.%s.%s.%d.%s", agent, host, os.Getpid(), hex.EncodeToString(b[:]))
+	if len(tag) > 255 {
+		tag = tag[len(tag)-255:]
+	}
+	return tag
+}

@@ -1,0 +1,308 @@
+// Package driver runs one async agent: it keeps an AMQP session open
+// (reconnecting with the agent's backoff), feeds deliveries to a fixed pool
+// of workers, pushes each message through the Lura backend pipeline, and
+// turns the outcome into an ack or a nack. It pings the gateway's health
+// channel while it consumes.
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/luraproject/lura/v2/logging"
+	"github.com/luraproject/lura/v2/proxy"
+	amqp "github.com/rabbitmq/amqp091-go"
+	"golang.org/x/time/rate"
+
+	"github.com/krakend-contrib/async-amqp/consumer"
+)
+
+// ErrGaveUp is returned by Run when the agent's connection retries are
+// exhausted.
+var ErrGaveUp = errors.New("connection retries exhausted")
+
+// Defaults for agent fields left empty by code that skips Lura's parser.
+const (
+	DefaultTimeout        = 2 * time.Second
+	DefaultHealthInterval = time.Second
+	// MaxBackoff caps the wait between connection attempts: Lura's
+	// exponential strategy doubles without bound.
+	MaxBackoff = time.Minute
+	// stableSession is how long a session must last for the retry count
+	// to start again from zero.
+	stableSession = 5 * time.Second
+)
+
+// Options is everything an agent needs; the plugin fills it from Lura's
+// async.Options and the parsed driver block.
+type Options struct {
+	Name           string
+	Session        consumer.Settings
+	Workers        int
+	Timeout        time.Duration
+	MaxRate        float64
+	HealthInterval time.Duration
+	NackDiscard    bool
+	Proxy          proxy.Proxy
+	Ping           chan<- string
+	ShouldContinue func(int) bool
+	Backoff        func(int) time.Duration
+	Logger         logging.Logger
+}
+
+// Agent is one running async agent.
+type Agent struct {
+	opts    Options
+	log     logger
+	limiter *rate.Limiter
+	stats   stats
+}
+
+type stats struct {
+	failed     atomic.Int64 // dispatches that failed since the last report
+	lastReason atomic.Value // string
+	unsettled  atomic.Int64 // acks/nacks refused since the last report
+}
+
+// New checks the options, applying the documented defaults, and returns
+// an agent ready to Run.
+func New(opts Options) *Agent {
+	a := &Agent{opts: opts, log: logger{l: opts.Logger, prefix: fmt.Sprintf("[SERVICE: AsyncAgent][AMQP][%s]", opts.Name)}}
+	if a.opts.Logger == nil {
+		a.log.l = logging.NoOp
+	}
+	if a.opts.Workers < 1 {
+		a.log.Warning("consumer.workers is", a.opts.Workers, "- using 1 worker")
+		a.opts.Workers = 1
+	}
+	if a.opts.Timeout <= 0 {
+		a.log.Warning("consumer.timeout is not set - using", DefaultTimeout)
+		a.opts.Timeout = DefaultTimeout
+	}
+	if a.opts.HealthInterval <= 0 {
+		a.opts.HealthInterval = DefaultHealthInterval
+	}
+	if a.opts.ShouldContinue == nil {
+		a.opts.ShouldContinue = func(int) bool { return true }
+	}
+	if a.opts.Backoff == nil {
+		a.opts.Backoff = func(int) time.Duration { return time.Second }
+	}
+	if a.opts.MaxRate > 0 {
+		a.limiter = rate.NewLimiter(rate.Limit(a.opts.MaxRate), 1)
+	}
+	if a.opts.Session.NoLocal {
+		a.log.Warning("no_local is passed to the broker, but RabbitMQ ignores it")
+	}
+	return a
+}
+
+// Run consumes until ctx is cancelled (it then returns nil) or until the
+// connection retries are exhausted (ErrGaveUp). A lost session is
+// reopened with the agent's backoff.
+func (a *Agent) Run(ctx context.Context) error {
+	retries := 0
+	for {
+		sess, err := consumer.Open(ctx, a.opts.Session)
+		if err == nil {
+			started := time.Now()
+			err = a.serve(ctx, sess)
+			if time.Since(started) >= stableSession {
+				retries = 0
+			}
+		}
+		if ctx.Err() != nil {
+			a.log.Info("stopped")
+			return nil
+		}
+		retries++
+		if !a.opts.ShouldContinue(retries) {
+			a.log.Error("giving up after", retries-1, "connection retries; last error:", err)
+			return ErrGaveUp
+		}
+		wait := min(a.opts.Backoff(retries), MaxBackoff)
+		if wait < 0 {
+			wait = MaxBackoff
+		}
+		a.log.Warning(fmt.Sprintf("%v; retry %d in %s", err, retries, wait))
+		if !sleep(ctx, wait) {
+			a.log.Info("stopped")
+			return nil
+		}
+	}
+}
+
+// serve runs the workers on one session until the session ends or ctx is
+// cancelled, and returns why the session ended.
+func (a *Agent) serve(ctx context.Context, sess *consumer.Session) error {
+	s := a.opts.Session
+	a.log.Info(fmt.Sprintf("consuming queue %q bound to exchange %q with %q as %s (workers %d, prefetch %d)",
+		s.Queue, s.Exchange, s.RoutingKey, sess.Tag(), a.opts.Workers, s.PrefetchCount))
+	a.ping()
+
+	var wg sync.WaitGroup
+	for range a.opts.Workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			a.work(ctx, sess.Deliveries())
+		}()
+	}
+	done := make(chan struct{})
+	go func() {
+		wg.Wait()
+		close(done)
+	}()
+
+	ticker := time.NewTicker(a.opts.HealthInterval)
+	defer ticker.Stop()
+	for {
+		select {
+		case <-ticker.C:
+			a.ping()
+			a.report()
+		case <-done:
+			a.report()
+			err := sess.Err()
+			_ = sess.Close()
+			if err == nil {
+				err = errors.New("the broker cancelled the consumer")
+			}
+			return fmt.Errorf("session lost: %w", err)
+		case <-ctx.Done():
+			a.drain(sess, done)
+			a.report()
+			return nil
+		}
+	}
+}
+
+// drain stops deliveries, gives in-flight dispatches up to one dispatch
+// timeout to finish and settle, then closes the session: whatever is still
+// unacknowledged goes back to the queue.
+func (a *Agent) drain(sess *consumer.Session, done <-chan struct{}) {
+	a.log.Info("stopping: cancelling the consumer and waiting for in-flight messages")
+	go func() { _ = sess.Cancel() }()
+	grace := time.NewTimer(a.opts.Timeout + time.Second)
+	defer grace.Stop()
+	select {
+	case <-done:
+	case <-grace.C:
+		a.log.Warning("in-flight messages did not finish within", a.opts.Timeout+time.Second, "- closing; the broker requeues them")
+	}
+	if err := sess.Close(); err != nil {
+		a.log.Debug("closing the session:", err)
+	}
+}
+
+// work handles deliveries until the channel closes. After shutdown has
+// begun, messages not yet dispatched are handed back (nack with requeue),
+// except with auto_ack, where the broker has already forgotten them.
+func (a *Agent) work(ctx context.Context, deliveries <-chan amqp.Delivery) {
+	for d := range deliveries {
+		if !a.opts.Session.AutoAck && (ctx.Err() != nil || a.wait(ctx) != nil) {
+			a.settle(&d, result{reason: "agent stopping"}, false)
+			continue
+		}
+		if a.opts.Session.AutoAck {
+			_ = a.wait(ctx)
+		}
+		r := a.dispatch(ctx, &d)
+		if !a.opts.Session.AutoAck {
+			a.settle(&d, r, a.opts.NackDiscard)
+		}
+	}
+}
+
+// wait applies consumer.max_rate, shared by all workers of the agent.
+func (a *Agent) wait(ctx context.Context) error {
+	if a.limiter == nil {
+		return nil
+	}
+	return a.limiter.Wait(ctx)
+}
+
+// dispatch runs the backend pipeline for one delivery. Its deadline is the
+// dispatch timeout and does not follow ctx: a dispatch in flight when the
+// agent stops is allowed to finish.
+func (a *Agent) dispatch(ctx context.Context, d *amqp.Delivery) (r result) {
+	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), a.opts.Timeout)
+	defer cancel()
+	defer func() {
+		if p := recover(); p != nil {
+			r = result{reason: fmt.Sprint("the backend pipeline panicked: ", p)}
+		}
+		if !r.ok {
+			a.stats.failed.Add(1)
+			a.stats.lastReason.Store(r.reason)
+			a.log.Debug("dispatch failed:", r.reason)
+		}
+	}()
+	resp, err := a.opts.Proxy(dctx, newRequest(d))
+	discardBody(resp)
+	return judge(resp, err)
+}
+
+func (a *Agent) settle(d Acknowledger, r result, discard bool) {
+	if err := settle(d, r, discard); err != nil {
+		a.stats.unsettled.Add(1)
+		a.log.Debug("ack/nack refused, the broker will redeliver:", err)
+	}
+}
+
+// report logs, at most once per health interval, how many dispatches
+// failed, instead of one line per message.
+func (a *Agent) report() {
+	if n := a.stats.failed.Swap(0); n > 0 {
+		reason, _ := a.stats.lastReason.Load().(string)
+		action := "requeued"
+		if a.opts.NackDiscard {
+			action = "discarded (nack_discard)"
+		}
+		if a.opts.Session.AutoAck {
+			action = "not requeued (auto_ack)"
+		}
+		a.log.Warning(fmt.Sprintf("%d messages failed and were %s; last failure: %s", n, action, reason))
+	}
+	if n := a.stats.unsettled.Swap(0); n > 0 {
+		a.log.Warning(n, "acks/nacks were refused on a closed channel; the broker redelivers those messages")
+	}
+}
+
+// ping tells the gateway the agent is alive. It never blocks: a missed
+// ping is followed by the next one.
+func (a *Agent) ping() {
+	if a.opts.Ping == nil {
+		return
+	}
+	select {
+	case a.opts.Ping <- a.opts.Name:
+	default:
+	}
+}
+
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}
+
+// logger prefixes every line with the agent, as Lura's components do.
+type logger struct {
+	l      logging.Logger
+	prefix string
+}
+
+func (l logger) Debug(v ...interface{})   { l.l.Debug(append([]interface{}{l.prefix}, v...)...) }
+func (l logger) Info(v ...interface{})    { l.l.Info(append([]interface{}{l.prefix}, v...)...) }
+func (l logger) Warning(v ...interface{}) { l.l.Warning(append([]interface{}{l.prefix}, v...)...) }
+func (l logger) Error(v ...interface{})   { l.l.Error(append([]interface{}{l.prefix}, v...)...) }

@@ -1,0 +1,62 @@
+package driver
+
+import (
+	"fmt"
+	"io"
+
+	"github.com/luraproject/lura/v2/proxy"
+)
+
+// Acknowledger is the part of an amqp091 delivery that settles it; the
+// seam that lets tests assert acks and nacks without a broker.
+type Acknowledger interface {
+	Ack(multiple bool) error
+	Nack(multiple, requeue bool) error
+}
+
+// result is what the backend pipeline made of one message.
+type result struct {
+	ok     bool
+	reason string
+}
+
+// judge decides whether a pipeline answer means the message was handled.
+// Only a complete answer with no error and, when Lura exposes it (no-op
+// encoding, error details), a 2xx status counts: acking anything else
+// would lose the message.
+func judge(resp *proxy.Response, err error) result {
+	switch {
+	case err != nil:
+		return result{reason: err.Error()}
+	case resp == nil:
+		return result{reason: "the backend pipeline returned no response"}
+	case !resp.IsComplete:
+		return result{reason: "incomplete response: at least one backend failed"}
+	}
+	if s := resp.Metadata.StatusCode; s != 0 && (s < 200 || s > 299) {
+		return result{reason: fmt.Sprintf("backend answered status %d", s)}
+	}
+	return result{ok: true}
+}
+
+// discardBody drains and closes a no-op response body so that its HTTP
+// connection goes back to the pool.
+func discardBody(resp *proxy.Response) {
+	if resp == nil || resp.Io == nil {
+		return
+	}
+	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Io, 1<<20))
+	if c, ok := resp.Io.(io.Closer); ok {
+		_ = c.Close()
+	}
+}
+
+// settle acks a handled message and nacks the others, requeueing them
+// unless discard is set. It returns the broker-side error, if any: the
+// channel may be gone, in which case the broker redelivers the message.
+func settle(d Acknowledger, r result, discard bool) error {
+	if r.ok {
+		return d.Ack(false)
+	}
+	return d.Nack(false, !discard)
+}

@@ -1,0 +1,147 @@
+// Package asyncamqp is the AMQP driver for KrakenD async agents. Add
+// StartAgent to a Lura/KrakenD build's async.AgentStarter, ahead of any
+// other AMQP factory, and every async_agent whose extra_config holds an
+// "async/amqp" block (or KrakenD's legacy key) consumes its RabbitMQ queue
+// and pushes each message through the agent's backend pipeline.
+package asyncamqp
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/luraproject/lura/v2/async"
+	luraconfig "github.com/luraproject/lura/v2/config"
+	"github.com/luraproject/lura/v2/logging"
+
+	"github.com/krakend-contrib/async-amqp/config"
+	"github.com/krakend-contrib/async-amqp/consumer"
+	"github.com/krakend-contrib/async-amqp/driver"
+)
+
+// Namespace is the extra_config key of the driver block.
+const Namespace = config.Namespace
+
+// LegacyNamespace is the key of KrakenD's own AMQP driver, also accepted.
+const LegacyNamespace = config.LegacyNamespace
+
+// StartAgent has the type of Lura's async.Factory. It returns false, at
+// once and with no I/O, when the agent has no block for this driver, so
+// another factory may take it. Otherwise the agent is this driver's: a
+// configuration error is logged, naming the agent and the field, and that
+// agent does not start; a valid agent runs in opts.G until its context
+// ends. An agent never returns an error into opts.G, which would stop
+// every other agent and the router.
+func StartAgent(ctx context.Context, opts async.Options) bool {
+	if opts.Agent == nil {
+		return false
+	}
+	cfg, err := config.FromExtraConfig(opts.Agent.ExtraConfig)
+	if errors.Is(err, config.ErrNoConfig) {
+		return false
+	}
+	logger := opts.Logger
+	if logger == nil {
+		logger = logging.NoOp
+	}
+	prefix := fmt.Sprintf("[SERVICE: AsyncAgent][AMQP][%s]", opts.Agent.Name)
+	if err == nil {
+		err = Check(opts.Agent)
+	}
+	if err != nil {
+		logger.Error(prefix, "not started, invalid configuration:", strings.ReplaceAll(err.Error(), "\n", "; "))
+		return true
+	}
+	agent := driver.New(agentOptions(opts, cfg))
+	opts.G.Go(func() error {
+		_ = agent.Run(ctx)
+		return nil
+	})
+	return true
+}
+
+// Check validates an agent for this driver: its driver block and the Lura
+// fields the driver relies on. It rewrites the backends' url_pattern
+// placeholders ({routing_key}) into Lura's form. Every error names the
+// agent and the field.
+func Check(agent *luraconfig.AsyncAgent) error {
+	var errs []error
+	if _, err := config.FromExtraConfig(agent.ExtraConfig); err != nil {
+		errs = append(errs, prefixed(agent.Name, "extra_config."+blockKey(agent.ExtraConfig)+".", err))
+	}
+	if strings.TrimSpace(agent.Consumer.Topic) == "" {
+		errs = append(errs, fmt.Errorf("agent %q: consumer.topic: required: the routing key the queue is bound with (\"#\" takes every message)", agent.Name))
+	}
+	if agent.Consumer.MaxRate < 0 {
+		errs = append(errs, fmt.Errorf("agent %q: consumer.max_rate: must be 0 (unlimited) or more, got %v", agent.Name, agent.Consumer.MaxRate))
+	}
+	if agent.Consumer.Timeout < 0 {
+		errs = append(errs, fmt.Errorf("agent %q: consumer.timeout: must not be negative", agent.Name))
+	}
+	for i, b := range agent.Backend {
+		pattern, err := driver.URLPattern(b.URLPattern)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("agent %q: backend[%d].url_pattern: %w", agent.Name, i, err))
+			continue
+		}
+		b.URLPattern = pattern
+	}
+	return errors.Join(errs...)
+}
+
+func blockKey(extra luraconfig.ExtraConfig) string {
+	if _, ok := extra[Namespace]; ok {
+		return Namespace
+	}
+	return LegacyNamespace
+}
+
+// prefixed names the agent and the block path on every joined error.
+func prefixed(agent, path string, err error) error {
+	var joined interface{ Unwrap() []error }
+	if !errors.As(err, &joined) {
+		return fmt.Errorf("agent %q: %s%w", agent, path, err)
+	}
+	var errs []error
+	for _, e := range joined.Unwrap() {
+		errs = append(errs, fmt.Errorf("agent %q: %s%w", agent, path, e))
+	}
+	return errors.Join(errs...)
+}
+
+func agentOptions(opts async.Options, cfg config.Config) driver.Options {
+	a := opts.Agent
+	return driver.Options{
+		Name: a.Name,
+		Session: consumer.Settings{
+			URL:      cfg.Host,
+			Redacted: config.Redacted(cfg.Host),
+			Topology: consumer.Topology{
+				Exchange:     cfg.Exchange,
+				ExchangeType: "topic",
+				Queue:        cfg.Queue,
+				RoutingKey:   a.Consumer.Topic,
+				Durable:      cfg.Durable,
+				AutoDelete:   cfg.Delete,
+				Exclusive:    cfg.Exclusive,
+				NoWait:       cfg.NoWait,
+			},
+			PrefetchCount: cfg.PrefetchCount,
+			PrefetchSize:  cfg.PrefetchSize,
+			AutoAck:       cfg.AutoAck,
+			NoLocal:       cfg.NoLocal,
+			Name:          a.Name,
+		},
+		Workers:        a.Consumer.Workers,
+		Timeout:        a.Consumer.Timeout,
+		MaxRate:        a.Consumer.MaxRate,
+		HealthInterval: a.Connection.HealthInterval,
+		NackDiscard:    cfg.NackDiscard,
+		Proxy:          opts.Proxy,
+		Ping:           opts.AgentPing,
+		ShouldContinue: opts.ShouldContinue,
+		Backoff:        opts.BackoffF,
+		Logger:         opts.Logger,
+	}
+}
