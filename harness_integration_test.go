@@ -134,6 +134,7 @@ type gateway struct {
 	ping   chan string
 	logs   *syncBuffer
 	done   chan error
+	once   sync.Once
 }
 
 // startAgents parses a krakend.json holding the agents with Lura's own
@@ -145,7 +146,13 @@ func startAgents(t *testing.T, specs ...agentSpec) *gateway {
 	for _, s := range specs {
 		agents = append(agents, s.entry())
 	}
-	doc, _ := json.Marshal(map[string]interface{}{"version": 3, "async_agent": agents})
+	return startDoc(t, map[string]interface{}{"version": 3, "async_agent": agents})
+}
+
+// startDoc starts the agents of a whole krakend.json document.
+func startDoc(t *testing.T, config map[string]interface{}) *gateway {
+	t.Helper()
+	doc, _ := json.Marshal(config)
 	parser := luraconfig.NewParserWithFileReader(func(string) ([]byte, error) { return doc, nil })
 	cfg, err := parser.Parse("krakend.json")
 	if err != nil {
@@ -165,16 +172,17 @@ func startAgents(t *testing.T, specs ...agentSpec) *gateway {
 // stop cancels the agents and waits for them to return.
 func (g *gateway) stop(t *testing.T) {
 	t.Helper()
-	g.cancel()
-	select {
-	case err, ok := <-g.done:
-		if ok && err != nil {
-			t.Errorf("agents returned %v", err)
+	g.once.Do(func() {
+		g.cancel()
+		select {
+		case err := <-g.done:
+			if err != nil {
+				t.Errorf("agents returned %v", err)
+			}
+		case <-time.After(30 * time.Second):
+			t.Error("agents did not stop within 30s")
 		}
-		close(g.done)
-	case <-time.After(30 * time.Second):
-		t.Fatal("agents did not stop within 30s")
-	}
+	})
 }
 
 // waitPing waits for the named agent's first health ping, which it sends
@@ -229,4 +237,14 @@ func (w testWriter) Write(p []byte) (int, error) {
 		w.t.Log(strings.TrimRight(string(p), "\n"))
 	}
 	return len(p), nil
+}
+
+// startRaw starts agents from raw async_agent entries.
+func startRaw(t *testing.T, entries ...map[string]interface{}) *gateway {
+	t.Helper()
+	var agents []interface{}
+	for _, e := range entries {
+		agents = append(agents, e)
+	}
+	return startDoc(t, map[string]interface{}{"version": 3, "async_agent": agents})
 }

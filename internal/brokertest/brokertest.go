@@ -177,3 +177,54 @@ func Eventually(t testing.TB, within time.Duration, what string, cond func() boo
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+// Rabbitmqctl runs rabbitmqctl -q with the arguments and returns its rows
+// split into fields.
+func Rabbitmqctl(t testing.TB, args ...string) [][]string {
+	t.Helper()
+	out, err := exec.Command("rabbitmqctl", append([]string{"-q"}, args...)...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("rabbitmqctl %v: %v: %s", args, err, out)
+	}
+	var rows [][]string
+	for _, line := range strings.Split(string(out), "\n") {
+		if f := strings.Split(line, "\t"); strings.TrimSpace(line) != "" {
+			rows = append(rows, f)
+		}
+	}
+	return rows
+}
+
+// Exchange reads an exchange's type and flags with rabbitmqctl.
+func Exchange(t testing.TB, name string) (kind string, durable, autoDelete, internal, found bool) {
+	t.Helper()
+	for _, f := range Rabbitmqctl(t, "list_exchanges", "--no-table-headers", "name", "type", "durable", "auto_delete", "internal") {
+		if len(f) == 5 && f[0] == name {
+			return f[1], f[2] == "true", f[3] == "true", f[4] == "true", true
+		}
+	}
+	return "", false, false, false, false
+}
+
+// Drain takes every ready message off a queue with basic.get and acks
+// it, returning the message ids.
+func Drain(t testing.TB, conn *amqp.Connection, queue string) []string {
+	t.Helper()
+	ch, err := conn.Channel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ch.Close()
+	var ids []string
+	for {
+		d, ok, err := ch.Get(queue, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !ok {
+			return ids
+		}
+		ids = append(ids, d.MessageId)
+		_ = d.Ack(false)
+	}
+}

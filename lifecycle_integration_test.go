@@ -1,0 +1,98 @@
+//go:build integration
+
+package asyncamqp_test
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/krakend-contrib/async-amqp/internal/brokertest"
+)
+
+func TestInvalidAgentIsNotStartedAndSiblingsRun(t *testing.T) {
+	f := newFixture(t)
+	be := newBackend(t, nil)
+	bad := agentSpec{Name: "broken", Topic: "k", Workers: 1, Backend: be.URL,
+		Block: map[string]interface{}{"host": "http://localhost/", "name": "q", "exchange": "x", "prefetch_count": "ten"}}
+	good := agentSpec{Name: "healthy", Topic: "k", Workers: 1, Backend: be.URL, Block: block(f.queue, f.exchange, nil)}
+	gw := startAgents(t, bad, good)
+	gw.waitPing(t, "healthy")
+	f.pub.Publish(f.exchange, "k", amqp.Publishing{MessageId: "1", Body: []byte(`{}`)})
+	brokertest.Eventually(t, 10*time.Second, "the healthy agent's delivery", func() bool { return be.count() == 1 })
+
+	logs := gw.logs.String()
+	for _, want := range []string{"[AMQP][broken] not started", "host: must start with amqp://", "prefetch_count: must be a whole number"} {
+		if !strings.Contains(logs, want) {
+			t.Errorf("log lacks %q:\n%s", want, logs)
+		}
+	}
+	if strings.Count(logs, "[AMQP][broken]") != 1 {
+		t.Errorf("want exactly one log line for the broken agent:\n%s", logs)
+	}
+}
+
+func TestAgentThatGivesUpLeavesSiblingsRunning(t *testing.T) {
+	f := newFixture(t)
+	be := newBackend(t, nil)
+	const secret = "S3cretPassw0rd"
+	lost := agentSpec{Name: "lost", Topic: "k", Workers: 1, Backend: be.URL,
+		Block: map[string]interface{}{"host": "amqp://guest:" + secret + "@127.0.0.1:1/", "name": "q", "exchange": "x"}}
+	good := agentSpec{Name: "steady", Topic: "k", Workers: 1, Backend: be.URL, Block: block(f.queue, f.exchange, nil)}
+	gw := startAgents(t, lost, good)
+	gw.waitPing(t, "steady")
+	// max_retries 3 with linear backoff: 1s + 2s + 3s of waiting.
+	brokertest.Eventually(t, 30*time.Second, "the lost agent to give up", func() bool {
+		return strings.Contains(gw.logs.String(), "[AMQP][lost] giving up")
+	})
+	select {
+	case err := <-gw.done:
+		t.Fatalf("the agents' errgroup returned (%v) when one agent gave up", err)
+	default:
+	}
+	f.pub.Publish(f.exchange, "k", amqp.Publishing{MessageId: "after", Body: []byte(`{}`)})
+	brokertest.Eventually(t, 10*time.Second, "the steady agent's delivery", func() bool { return be.count() == 1 })
+
+	logs := gw.logs.String()
+	if strings.Contains(logs, secret) {
+		t.Errorf("the password appears in the logs:\n%s", logs)
+	}
+	for _, want := range []string{"connect to amqp://guest:xxxxx@127.0.0.1:1/", "retry 1 in", "retry 3 in"} {
+		if !strings.Contains(logs, want) {
+			t.Errorf("log lacks %q:\n%s", want, logs)
+		}
+	}
+}
+
+func TestWrongCredentialsAreReportedWithoutThePassword(t *testing.T) {
+	be := newBackend(t, nil)
+	const secret = "NotTheRightOne42"
+	gw := startAgents(t, agentSpec{Name: "creds", Topic: "k", Workers: 1, Backend: be.URL,
+		Block: map[string]interface{}{"host": "amqp://guest:" + secret + "@127.0.0.1:5672/", "name": "q", "exchange": "x"}})
+	brokertest.Eventually(t, 15*time.Second, "the refusal in the log", func() bool {
+		return strings.Contains(gw.logs.String(), "username or password not allowed")
+	})
+	if strings.Contains(gw.logs.String(), secret) {
+		t.Errorf("the password appears in the logs:\n%s", gw.logs.String())
+	}
+}
+
+func TestStopReturnsWithinTheDispatchBound(t *testing.T) {
+	f := newFixture(t)
+	release := make(chan struct{})
+	defer close(release)
+	be := newBackend(t, nil)
+	be.Config.Handler = gate(be, release) // every dispatch hangs
+	gw := startAgents(t, agentSpec{Name: "hang", Topic: "k", Workers: 2, Timeout: "1s", Backend: be.URL, Block: block(f.queue, f.exchange, nil)})
+	gw.waitPing(t, "hang")
+	f.pub.PublishN(f.exchange, "k", 10, jsonBody)
+	brokertest.Eventually(t, 10*time.Second, "two hung dispatches", func() bool { return be.inFlight.Load() == 2 })
+	gw.stop(t) // fails the test if the agents do not return
+	// The hung dispatches timed out and were nacked: all 10 are back.
+	brokertest.Eventually(t, 10*time.Second, "all messages back in the queue", func() bool {
+		ready, unacked := brokertest.Counts(t, f.queue)
+		return ready == 10 && unacked == 0
+	})
+}
