@@ -96,3 +96,35 @@ func TestStopReturnsWithinTheDispatchBound(t *testing.T) {
 		return ready == 10 && unacked == 0
 	})
 }
+
+func TestReconnectsWhenTheBrokerClosesTheConnection(t *testing.T) {
+	f := newFixture(t)
+	be := newBackend(t, nil)
+	be.delay = 20 * time.Millisecond
+	gw := startAgents(t, agentSpec{Name: "reconnect", Topic: "k", Workers: 4, Backend: be.URL, Block: block(f.queue, f.exchange, nil)})
+	gw.waitPing(t, "reconnect")
+	const n = 1500
+	f.pub.PublishN(f.exchange, "k", n, jsonBody)
+	brokertest.Eventually(t, 20*time.Second, "processing under way", func() bool { return be.count() >= 50 })
+	if brokertest.CloseConnections(t, "krakend-amqp reconnect@") != 1 {
+		t.Fatal("found no agent connection to close")
+	}
+	brokertest.Eventually(t, 60*time.Second, "every message at the backend", func() bool {
+		seen := map[string]bool{}
+		for _, id := range ids(be.requests()) {
+			seen[id] = true
+		}
+		return len(seen) == n
+	})
+	f.waitEmpty(t)
+	logs := gw.logs.String()
+	for _, want := range []string{"session lost", "CONNECTION_FORCED", "retry 1 in"} {
+		if !strings.Contains(logs, want) {
+			t.Errorf("log lacks %q:\n%s", want, logs)
+		}
+	}
+	if strings.Count(logs, "consuming queue") != 2 {
+		t.Errorf("want two 'consuming queue' lines (start and reconnect):\n%s", logs)
+	}
+	t.Logf("%d requests for %d messages (%d duplicates from the cut)", be.count(), n, be.count()-n)
+}

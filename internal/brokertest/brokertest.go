@@ -228,3 +228,18 @@ func Drain(t testing.TB, conn *amqp.Connection, queue string) []string {
 		_ = d.Ack(false)
 	}
 }
+
+// CloseConnections makes the broker close every connection whose client
+// properties contain marker (a connection name), as an operator would
+// with rabbitmqctl close_connection. It returns how many it closed.
+func CloseConnections(t testing.TB, marker string) int {
+	t.Helper()
+	n := 0
+	for _, row := range Rabbitmqctl(t, "list_connections", "--no-table-headers", "pid", "client_properties") {
+		if len(row) == 2 && strings.Contains(row[1], marker) {
+			Rabbitmqctl(t, "close_connection", row[0], "closed by a test")
+			n++
+		}
+	}
+	return n
+}
