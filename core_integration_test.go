@@ -408,12 +408,7 @@ func TestExchangeOfAnotherTypeIsReported(t *testing.T) {
 	brokertest.Eventually(t, 15*time.Second, "the error in the log", func() bool {
 		return strings.Contains(gw.logs.String(), "already exists with other settings")
 	})
-	logs := gw.logs.String()
-	for _, want := range []string{"[AMQP][wrongtype]", f.exchange, "type topic", "'direct'", "retry 1"} {
-		if !strings.Contains(logs, want) {
-			t.Errorf("log lacks %q:\n%s", want, logs)
-		}
-	}
+	gw.expectLogs(t, "[AMQP][wrongtype]", f.exchange, "type topic", "'direct'", "retry 1")
 }
 
 func TestFiveThousandMessagesZeroDuplicates(t *testing.T) {

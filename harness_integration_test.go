@@ -248,3 +248,14 @@ func startRaw(t *testing.T, entries ...map[string]interface{}) *gateway {
 	}
 	return startDoc(t, map[string]interface{}{"version": 3, "async_agent": agents})
 }
+
+// expectLogs fails the test for each text the agents' log lacks.
+func (g *gateway) expectLogs(t *testing.T, wants ...string) {
+	t.Helper()
+	logs := g.logs.String()
+	for _, want := range wants {
+		if !strings.Contains(logs, want) {
+			t.Errorf("log lacks %q:\n%s", want, logs)
+		}
+	}
+}

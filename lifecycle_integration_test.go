@@ -24,11 +24,7 @@ func TestInvalidAgentIsNotStartedAndSiblingsRun(t *testing.T) {
 	brokertest.Eventually(t, 10*time.Second, "the healthy agent's delivery", func() bool { return be.count() == 1 })
 
 	logs := gw.logs.String()
-	for _, want := range []string{"[AMQP][broken] not started", "host: must start with amqp://", "prefetch_count: must be a whole number"} {
-		if !strings.Contains(logs, want) {
-			t.Errorf("log lacks %q:\n%s", want, logs)
-		}
-	}
+	gw.expectLogs(t, "[AMQP][broken] not started", "host: must start with amqp://", "prefetch_count: must be a whole number")
 	if strings.Count(logs, "[AMQP][broken]") != 1 {
 		t.Errorf("want exactly one log line for the broken agent:\n%s", logs)
 	}
@@ -59,11 +55,7 @@ func TestAgentThatGivesUpLeavesSiblingsRunning(t *testing.T) {
 	if strings.Contains(logs, secret) {
 		t.Errorf("the password appears in the logs:\n%s", logs)
 	}
-	for _, want := range []string{"connect to amqp://guest:xxxxx@127.0.0.1:1/", "retry 1 in", "retry 3 in"} {
-		if !strings.Contains(logs, want) {
-			t.Errorf("log lacks %q:\n%s", want, logs)
-		}
-	}
+	gw.expectLogs(t, "connect to amqp://guest:xxxxx@127.0.0.1:1/", "retry 1 in", "retry 3 in")
 }
 
 func TestWrongCredentialsAreReportedWithoutThePassword(t *testing.T) {
@@ -118,11 +110,7 @@ func TestReconnectsWhenTheBrokerClosesTheConnection(t *testing.T) {
 	})
 	f.waitEmpty(t)
 	logs := gw.logs.String()
-	for _, want := range []string{"session lost", "CONNECTION_FORCED", "retry 1 in"} {
-		if !strings.Contains(logs, want) {
-			t.Errorf("log lacks %q:\n%s", want, logs)
-		}
-	}
+	gw.expectLogs(t, "session lost", "CONNECTION_FORCED", "retry 1 in")
 	if strings.Count(logs, "consuming queue") != 2 {
 		t.Errorf("want two 'consuming queue' lines (start and reconnect):\n%s", logs)
 	}
