@@ -13,6 +13,7 @@ import (
 
 	"github.com/luraproject/lura/v2/async"
 	luraconfig "github.com/luraproject/lura/v2/config"
+	"github.com/luraproject/lura/v2/encoding"
 	"github.com/luraproject/lura/v2/logging"
 
 	"github.com/krakend-contrib/async-amqp/config"
@@ -66,6 +67,9 @@ func StartAgent(ctx context.Context, opts async.Options) bool {
 // placeholders ({routing_key}) into Lura's form. Every error names the
 // agent and the field.
 func Check(agent *luraconfig.AsyncAgent) error {
+	if agent == nil {
+		return errors.New("no agent to check")
+	}
 	var errs []error
 	if _, err := config.FromExtraConfig(agent.ExtraConfig); err != nil {
 		errs = append(errs, prefixed(agent.Name, "extra_config."+blockKey(agent.ExtraConfig)+".", err))
@@ -80,6 +84,10 @@ func Check(agent *luraconfig.AsyncAgent) error {
 		errs = append(errs, fmt.Errorf("agent %q: consumer.timeout: must not be negative", agent.Name))
 	}
 	for i, b := range agent.Backend {
+		if b.Encoding == encoding.NOOP && len(agent.Backend) > 1 {
+			errs = append(errs, fmt.Errorf("agent %q: backend[%d].encoding: no-op works with one backend only: "+
+				"Lura's merge of several backends drops their status codes, so a failure could be acked", agent.Name, i))
+		}
 		pattern, err := driver.URLPattern(b.URLPattern)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("agent %q: backend[%d].url_pattern: %w", agent.Name, i, err))

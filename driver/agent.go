@@ -35,6 +35,9 @@ const (
 	// stableSession is how long a session must last for the retry count
 	// to start again from zero.
 	stableSession = 5 * time.Second
+	// maxBackoffStep is the largest retry count given to the backoff
+	// strategy: 2^30 s is far past MaxBackoff already.
+	maxBackoffStep = 30
 )
 
 // Options is everything an agent needs; the plugin fills it from Lura's
@@ -124,16 +127,26 @@ func (a *Agent) Run(ctx context.Context) error {
 			a.log.Error("giving up after", retries-1, "connection retries; last error:", err)
 			return ErrGaveUp
 		}
-		wait := min(a.opts.Backoff(retries), MaxBackoff)
-		if wait < 0 {
-			wait = MaxBackoff
-		}
+		wait := a.backoff(retries)
 		a.log.Warning(fmt.Sprintf("%v; retry %d in %s", err, retries, wait))
 		if !sleep(ctx, wait) {
 			a.log.Info("stopped")
 			return nil
 		}
 	}
+}
+
+// backoff asks the agent's strategy how long to wait before a retry,
+// within [0, MaxBackoff]. Lura's strategies shift by the retry count, so
+// after ~60 retries they return 0 or panic (jitter): the count passed on
+// is capped and a panic falls back to the maximum.
+func (a *Agent) backoff(retries int) (wait time.Duration) {
+	defer func() {
+		if recover() != nil || wait <= 0 || wait > MaxBackoff {
+			wait = MaxBackoff
+		}
+	}()
+	return a.opts.Backoff(min(retries, maxBackoffStep))
 }
 
 // serve runs the workers on one session until the session ends or ctx is

@@ -63,7 +63,11 @@ func newRequest(d *amqp.Delivery) *proxy.Request {
 		set(HeaderTimestamp, d.Timestamp.UTC().Format(time.RFC3339))
 	}
 	for k, v := range d.Headers {
-		set(HeaderPrefix+cleanName(k), formatValue(v))
+		// Two keys may clean to one name: keep both values.
+		if value := formatValue(v); value != "" {
+			name := HeaderPrefix + cleanName(k)
+			h[name] = append(h[name], cleanValue(value))
+		}
 	}
 	return &proxy.Request{
 		Method:  "POST",

@@ -1,0 +1,37 @@
+package driver
+
+import (
+	"testing"
+	"time"
+
+	"github.com/luraproject/lura/v2/backoff"
+)
+
+func TestBackoffStaysWithinBoundsForEveryLuraStrategy(t *testing.T) {
+	for _, name := range []string{"", "linear", "linear-jitter", "exponential", "exponential-jitter"} {
+		t.Run(name, func(t *testing.T) {
+			a := New(Options{Name: "b", Backoff: backoff.GetByName(name)})
+			for retries := 1; retries <= 200; retries++ {
+				if got := a.backoff(retries); got <= 0 || got > MaxBackoff {
+					t.Fatalf("retry %d: wait %s, want within (0, %s]", retries, got, MaxBackoff)
+				}
+			}
+		})
+	}
+}
+
+func TestBackoffFollowsTheStrategyBelowTheCap(t *testing.T) {
+	a := New(Options{Name: "b", Backoff: backoff.ExponentialBackoff})
+	for retries, want := range map[int]time.Duration{1: 2 * time.Second, 3: 8 * time.Second, 5: 32 * time.Second, 6: MaxBackoff} {
+		if got := a.backoff(retries); got != want {
+			t.Errorf("retry %d: got %s, want %s", retries, got, want)
+		}
+	}
+}
+
+func TestBackoffSurvivesAPanickingStrategy(t *testing.T) {
+	a := New(Options{Name: "b", Backoff: func(int) time.Duration { panic("boom") }})
+	if got := a.backoff(1); got != MaxBackoff {
+		t.Errorf("got %s, want %s", got, MaxBackoff)
+	}
+}
