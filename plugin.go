@@ -47,10 +47,7 @@ func StartAgent(ctx context.Context, opts async.Options) bool {
 		logger = logging.NoOp
 	}
 	prefix := fmt.Sprintf("[SERVICE: AsyncAgent][AMQP][%s]", opts.Agent.Name)
-	if err == nil {
-		err = Check(opts.Agent)
-	}
-	if err != nil {
+	if err := Check(opts.Agent); err != nil {
 		logger.Error(prefix, "not started, invalid configuration:", strings.ReplaceAll(err.Error(), "\n", "; "))
 		return true
 	}
@@ -72,7 +69,7 @@ func Check(agent *luraconfig.AsyncAgent) error {
 	}
 	var errs []error
 	if _, err := config.FromExtraConfig(agent.ExtraConfig); err != nil {
-		errs = append(errs, prefixed(agent.Name, "extra_config."+blockKey(agent.ExtraConfig)+".", err))
+		errs = append(errs, blockErrors(agent, err))
 	}
 	if strings.TrimSpace(agent.Consumer.Topic) == "" {
 		errs = append(errs, fmt.Errorf("agent %q: consumer.topic: required: the routing key the queue is bound with (\"#\" takes every message)", agent.Name))
@@ -98,24 +95,33 @@ func Check(agent *luraconfig.AsyncAgent) error {
 	return errors.Join(errs...)
 }
 
-func blockKey(extra luraconfig.ExtraConfig) string {
-	if _, ok := extra[Namespace]; ok {
-		return Namespace
+// blockErrors names the agent and the path of each problem of its
+// driver block, e.g. extra_config.async/amqp.prefetch_count.
+func blockErrors(agent *luraconfig.AsyncAgent, err error) error {
+	if errors.Is(err, config.ErrNoConfig) {
+		return fmt.Errorf("agent %q: %w", agent.Name, err)
 	}
-	return LegacyNamespace
-}
-
-// prefixed names the agent and the block path on every joined error.
-func prefixed(agent, path string, err error) error {
-	var joined interface{ Unwrap() []error }
-	if !errors.As(err, &joined) {
-		return fmt.Errorf("agent %q: %s%w", agent, path, err)
+	path := "extra_config." + Namespace
+	if _, ok := agent.ExtraConfig[Namespace]; !ok {
+		path = "extra_config." + LegacyNamespace
 	}
 	var errs []error
-	for _, e := range joined.Unwrap() {
-		errs = append(errs, fmt.Errorf("agent %q: %s%w", agent, path, e))
+	for _, e := range unjoin(err) {
+		var field *config.FieldError
+		if errors.As(e, &field) {
+			errs = append(errs, fmt.Errorf("agent %q: %s.%w", agent.Name, path, e))
+			continue
+		}
+		errs = append(errs, fmt.Errorf("agent %q: %s: %w", agent.Name, path, e))
 	}
 	return errors.Join(errs...)
+}
+
+func unjoin(err error) []error {
+	if joined, ok := err.(interface{ Unwrap() []error }); ok {
+		return joined.Unwrap()
+	}
+	return []error{err}
 }
 
 func agentOptions(opts async.Options, cfg config.Config) driver.Options {

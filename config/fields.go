@@ -80,15 +80,22 @@ func toInt(v interface{}) (int, bool) {
 		}
 		return int(n), true
 	case float64:
-		if n != math.Trunc(n) || math.IsInf(n, 0) || math.Abs(n) > 1<<53 {
-			return 0, false
-		}
-		return int(n), true
+		return toIntFloat(n, true)
 	case json.Number:
-		i, err := n.Int64()
-		return int(i), err == nil
+		if i, err := n.Int64(); err == nil {
+			return int(i), true
+		}
+		f, err := n.Float64()
+		return toIntFloat(f, err == nil)
 	}
 	return 0, false
+}
+
+func toIntFloat(n float64, ok bool) (int, bool) {
+	if !ok || n != math.Trunc(n) || math.IsInf(n, 0) || math.Abs(n) > 1<<53 {
+		return 0, false
+	}
+	return int(n), true
 }
 
 func typeName(v interface{}) string {
@@ -140,11 +147,10 @@ func checkHost(host string) error {
 	}
 	u, err := url.Parse(host)
 	if err != nil {
-		var uerr *url.Error
-		if errors.As(err, &uerr) {
-			err = uerr.Err
-		}
-		return fmt.Errorf("is not a valid URL (%v); percent-encode reserved characters in the user name and password", err)
+		// url.Parse's reason may quote the password (a '/' in it ends
+		// the host early and the rest reads as a port): never echo it.
+		return errors.New("is not a valid URL: expected amqp://user:password@host:5672/vhost, " +
+			"with reserved characters (/ ? # @ : %) in the user name and password percent-encoded")
 	}
 	if u.Scheme != "amqp" && u.Scheme != "amqps" {
 		return fmt.Errorf("must start with amqp:// or amqps://, got scheme %q", u.Scheme)
@@ -164,7 +170,7 @@ func checkHost(host string) error {
 // errors. An unparsable URL yields a placeholder, never the input.
 func Redacted(host string) string {
 	u, err := url.Parse(host)
-	if err != nil || u.Scheme == "" {
+	if err != nil || u.Scheme == "" || u.Opaque != "" || u.Host == "" {
 		return "<invalid amqp url>"
 	}
 	if u.User != nil {

@@ -74,13 +74,25 @@ func newRequest(d *amqp.Delivery) *proxy.Request {
 		Body:    io.NopCloser(bytes.NewReader(d.Body)),
 		Headers: h,
 		Params: map[string]string{
-			"Routing_key":    url.PathEscape(d.RoutingKey),
-			"Exchange":       url.PathEscape(d.Exchange),
-			"Message_id":     url.PathEscape(d.MessageId),
-			"Correlation_id": url.PathEscape(d.CorrelationId),
+			"Routing_key":    pathParam(d.RoutingKey),
+			"Exchange":       pathParam(d.Exchange),
+			"Message_id":     pathParam(d.MessageId),
+			"Correlation_id": pathParam(d.CorrelationId),
 			"Redelivered":    strconv.FormatBool(d.Redelivered),
 		},
 	}
+}
+
+// pathParam escapes a value for one path segment. "." and ".." are
+// escaped too, so that a publisher cannot steer the backend path.
+func pathParam(v string) string {
+	switch v {
+	case ".":
+		return "%2E"
+	case "..":
+		return "%2E%2E"
+	}
+	return url.PathEscape(v)
 }
 
 // formatValue renders an AMQP table value as header text. Nested tables
