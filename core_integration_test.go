@@ -34,11 +34,12 @@ func newFixture(t *testing.T) fixture {
 
 func jsonBody(i int) []byte { return []byte(fmt.Sprintf(`{"n":%d}`, i)) }
 
+// waitEmpty waits until the work queue and its retry queues hold nothing,
+// ready or unacked.
 func (f fixture) waitEmpty(t *testing.T) {
 	t.Helper()
-	brokertest.Eventually(t, 30*time.Second, "an empty queue with nothing unacked", func() bool {
-		ready, unacked := brokertest.Counts(t, f.queue)
-		return ready == 0 && unacked == 0
+	brokertest.Eventually(t, 30*time.Second, "empty queues with nothing unacked", func() bool {
+		return brokertest.Pending(t, f.queue) == 0
 	})
 }
 
@@ -239,29 +240,37 @@ func TestFailingBackendIsRetriedUntilItSucceeds(t *testing.T) {
 		}
 		return http.StatusOK
 	})
-	gw := startAgents(t, agentSpec{Name: "retry", Topic: "k", Workers: 1, Backend: be.URL, Block: block(f.queue, f.exchange, nil)})
+	gw := startAgents(t, agentSpec{Name: "retry", Topic: "k", Workers: 1, Backend: be.URL,
+		Block: block(f.queue, f.exchange, map[string]interface{}{"retry": fastRetry(5)})})
 	gw.waitPing(t, "retry")
 	f.pub.PublishN(f.exchange, "k", 20, jsonBody)
+	brokertest.Eventually(t, 30*time.Second, "60 calls", func() bool { return calls.Load() >= 60 })
 	f.waitEmpty(t)
 
-	ok := map[string]bool{}
+	if calls.Load() != 60 {
+		t.Errorf("got %d calls, want 60 (20 messages, 3 attempts each)", calls.Load())
+	}
+	attempts := map[string][]string{}
 	for _, r := range be.requests() {
-		if perMessage[r.Header.Get("X-Amqp-Message-Id")] >= 3 {
-			ok[r.Header.Get("X-Amqp-Message-Id")] = true
+		id := r.Header.Get("X-Amqp-Message-Id")
+		attempts[id] = append(attempts[id], r.Header.Get("X-Amqp-Attempt"))
+		if got := r.Header.Get("X-Amqp-Routing-Key"); got != "k" {
+			t.Errorf("message %s: routing key %q after a retry, want the original \"k\"", id, got)
+		}
+		if got := r.Header.Get("X-Amqp-Exchange"); got != f.exchange {
+			t.Errorf("message %s: exchange %q after a retry, want the original", id, got)
 		}
 	}
-	if len(ok) != 20 || calls.Load() != 60 {
-		t.Errorf("got %d messages through in %d calls, want 20 in 60", len(ok), calls.Load())
-	}
-	redelivered := 0
-	for _, r := range be.requests() {
-		if r.Header.Get("X-Amqp-Redelivered") == "true" {
-			redelivered++
+	for id, got := range attempts {
+		if !slices.Equal(got, []string{"1", "2", "3"}) {
+			t.Errorf("message %s: attempts %v, want [1 2 3]", id, got)
 		}
 	}
-	if redelivered != 40 {
-		t.Errorf("redelivered flag on %d requests, want 40", redelivered)
-	}
+}
+
+// fastRetry is a retry block with short delays, for tests.
+func fastRetry(attempts int) map[string]interface{} {
+	return map[string]interface{}{"max_attempts": attempts, "delay": "50ms", "max_delay": "200ms", "multiplier": 2}
 }
 
 func TestMultiBackendPartialFailureIsNotAcked(t *testing.T) {

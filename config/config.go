@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"time"
 
 	luraconfig "github.com/luraproject/lura/v2/config"
 )
@@ -46,7 +47,52 @@ type Config struct {
 	NoLocal       bool
 	// NackDiscard drops failed messages instead of requeueing them.
 	NackDiscard bool
+	// Retry is how failed messages are retried (field "retry").
+	Retry Retry
+	// DeadLetter is where messages go when retries are exhausted or the
+	// backend refused them (field "dead_letter").
+	DeadLetter DeadLetter
+	// ShutdownTimeout bounds how long in-flight dispatches may run once
+	// the agent stops; 0 means the dispatch timeout.
+	ShutdownTimeout time.Duration
 }
+
+// Retry is the delayed-retry policy of failed messages.
+type Retry struct {
+	// MaxAttempts counts dispatches, the first included.
+	MaxAttempts int
+	Delay       time.Duration
+	MaxDelay    time.Duration
+	Multiplier  float64
+}
+
+// Retry defaults: 1s, 2s, 4s ... capped at one minute, ten attempts.
+const (
+	DefaultMaxAttempts = 10
+	DefaultDelay       = time.Second
+	DefaultMaxDelay    = time.Minute
+	DefaultMultiplier  = 2.0
+)
+
+// DeadLetter says where a message goes once it is given up on. Exactly
+// one of Queue, Exchange or Broker may be set; none means "no
+// dead-letter": the message is kept and retried at MaxDelay.
+type DeadLetter struct {
+	// Queue is declared by the driver and fed through the default exchange.
+	Queue string
+	// Exchange (with RoutingKey, default the message's own) must exist.
+	Exchange   string
+	RoutingKey string
+	// Broker rejects the message without requeue, leaving it to the
+	// queue's own x-dead-letter-exchange (policy or argument).
+	Broker bool
+	// Statuses are backend answers that dead-letter at once, without
+	// retries (e.g. 400, 422: the message itself is bad).
+	Statuses []int
+}
+
+// Enabled tells whether a dead-letter destination is configured.
+func (d DeadLetter) Enabled() bool { return d.Queue != "" || d.Exchange != "" || d.Broker }
 
 // FieldError names the field of the block that is wrong and why.
 type FieldError struct {
@@ -76,27 +122,29 @@ func Parse(raw interface{}) (Config, error) {
 	if !ok {
 		return Config{}, fmt.Errorf("the block must be an object, got %s", typeName(raw))
 	}
-	cfg := Config{PrefetchCount: DefaultPrefetchCount}
+	cfg := Config{PrefetchCount: DefaultPrefetchCount, Retry: Retry{
+		MaxAttempts: DefaultMaxAttempts, Delay: DefaultDelay, MaxDelay: DefaultMaxDelay, Multiplier: DefaultMultiplier,
+	}}
 	var errs []error
 	bad := map[string]bool{}
 	for _, key := range sortedKeys(block) {
 		set, known := fields[key]
 		if !known {
-			errs = append(errs, &FieldError{Field: key, Reason: "unknown field" + suggest(key)})
+			errs = append(errs, &FieldError{Field: key, Reason: "unknown field" + suggest(fields, key)})
 			continue
 		}
 		if err := set(&cfg, block[key]); err != nil {
 			bad[key] = true
-			errs = append(errs, &FieldError{Field: key, Reason: err.Error()})
+			errs = append(errs, pathErrors(key, err)...)
 		}
 	}
-	errs = append(errs, cfg.validate(bad)...)
+	errs = append(errs, cfg.validate(block, bad)...)
 	return cfg, errors.Join(errs...)
 }
 
 // validate checks what no single field can: required fields and the host
 // URL. Fields that already failed to parse are not reported twice.
-func (c Config) validate(bad map[string]bool) []error {
+func (c Config) validate(block map[string]interface{}, bad map[string]bool) []error {
 	var errs []error
 	required := func(field, value string) {
 		if !bad[field] && strings.TrimSpace(value) == "" {
@@ -111,5 +159,71 @@ func (c Config) validate(bad map[string]bool) []error {
 			errs = append(errs, &FieldError{Field: "host", Reason: err.Error()})
 		}
 	}
+	if !bad["retry"] && c.Retry.MaxDelay < c.Retry.Delay {
+		errs = append(errs, &FieldError{Field: "retry.max_delay", Reason: fmt.Sprintf(
+			"must not be shorter than retry.delay (%s), got %s", c.Retry.Delay, c.Retry.MaxDelay)})
+	} else if n := len(c.Retry.RetryDelays()); n > MaxRetryQueues {
+		errs = append(errs, &FieldError{Field: "retry", Reason: fmt.Sprintf(
+			"delay, multiplier and max_delay give more than %d distinct delays, one retry queue each: raise the multiplier", MaxRetryQueues)})
+	}
+	_, hasRetry := block["retry"]
+	_, hasDead := block["dead_letter"]
+	if c.NackDiscard && (hasRetry || hasDead) {
+		errs = append(errs, &FieldError{Field: "nack_discard", Reason: "cannot be combined with retry or dead_letter: use dead_letter.broker to leave failures to the queue's dead-letter exchange"})
+	}
+	if c.AutoAck && (hasRetry || hasDead) {
+		errs = append(errs, &FieldError{Field: "auto_ack", Reason: "cannot be combined with retry or dead_letter: with auto_ack the broker has forgotten a message before it is dispatched"})
+	}
+	if !bad["dead_letter"] {
+		errs = append(errs, c.DeadLetter.validate()...)
+	}
 	return errs
 }
+
+func (d DeadLetter) validate() []error {
+	set := 0
+	for _, on := range []bool{d.Queue != "", d.Exchange != "", d.Broker} {
+		if on {
+			set++
+		}
+	}
+	var errs []error
+	if set > 1 {
+		errs = append(errs, &FieldError{Field: "dead_letter", Reason: "set only one of queue, exchange and broker"})
+	}
+	if d.RoutingKey != "" && d.Exchange == "" {
+		errs = append(errs, &FieldError{Field: "dead_letter.routing_key", Reason: "only applies with dead_letter.exchange"})
+	}
+	if len(d.Statuses) > 0 && !d.Enabled() {
+		errs = append(errs, &FieldError{Field: "dead_letter.statuses", Reason: "needs a destination: dead_letter.queue, exchange or broker"})
+	}
+	return errs
+}
+
+// RetryDelays lists the distinct delays of the retry policy, shortest
+// first: Delay, Delay*Multiplier, ... capped at MaxDelay, in whole
+// milliseconds (each one is a retry queue).
+func (r Retry) RetryDelays() []time.Duration {
+	var out []time.Duration
+	d := float64(r.Delay)
+	for {
+		step := min(time.Duration(d), r.MaxDelay).Round(time.Millisecond)
+		if len(out) == 0 || step != out[len(out)-1] {
+			out = append(out, step)
+		}
+		if step >= r.MaxDelay || r.Multiplier <= 1 || len(out) > MaxRetryQueues {
+			return out
+		}
+		d *= r.Multiplier
+	}
+}
+
+// DelayFor is the wait before the retry that follows failed attempt n
+// (n >= 1).
+func (r Retry) DelayFor(n int) time.Duration {
+	delays := r.RetryDelays()
+	return delays[min(n, len(delays))-1]
+}
+
+// MaxRetryQueues bounds how many retry queues one policy may need.
+const MaxRetryQueues = 20

@@ -5,11 +5,16 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"reflect"
 	"strings"
 	"testing"
+	"time"
 
 	luraconfig "github.com/luraproject/lura/v2/config"
 )
+
+// defaultRetry is the retry policy of a block that sets none.
+var defaultRetry = Retry{MaxAttempts: 10, Delay: time.Second, MaxDelay: time.Minute, Multiplier: 2}
 
 // validBlock is the smallest valid driver block, as Lura's JSON parser
 // hands it over.
@@ -103,6 +108,7 @@ func TestParseFullBlock(t *testing.T) {
 		AutoAck:       true,
 		NoLocal:       true,
 		NackDiscard:   true,
+		Retry:         defaultRetry,
 	}
 	block := func(count, size interface{}) map[string]interface{} {
 		return map[string]interface{}{
@@ -135,7 +141,7 @@ func TestParseFullBlock(t *testing.T) {
 			if err != nil {
 				t.Fatalf("Parse: %v", err)
 			}
-			if got != want {
+			if !reflect.DeepEqual(got, want) {
 				t.Errorf("Parse:\n got %+v\nwant %+v", got, want)
 			}
 		})
@@ -153,7 +159,7 @@ func TestParseFullBlock(t *testing.T) {
 		if err != nil {
 			t.Fatalf("Parse: %v", err)
 		}
-		if got != want {
+		if !reflect.DeepEqual(got, want) {
 			t.Errorf("Parse:\n got %+v\nwant %+v", got, want)
 		}
 	})
@@ -182,11 +188,11 @@ func TestParseEachBooleanField(t *testing.T) {
 			if !tc.get(got) {
 				t.Errorf("%s: true was not stored in its field: %+v", tc.key, got)
 			}
-			want := Config{Host: got.Host, Queue: got.Queue, Exchange: got.Exchange, PrefetchCount: DefaultPrefetchCount}
+			want := Config{Host: got.Host, Queue: got.Queue, Exchange: got.Exchange, PrefetchCount: DefaultPrefetchCount, Retry: defaultRetry}
 			cleared := got
 			cleared.Durable, cleared.Delete, cleared.Exclusive, cleared.NoWait = false, false, false, false
 			cleared.AutoAck, cleared.NoLocal, cleared.NackDiscard = false, false, false
-			if cleared != want {
+			if !reflect.DeepEqual(cleared, want) {
 				t.Errorf("%s: other fields changed: %+v", tc.key, got)
 			}
 			trues := 0
@@ -212,8 +218,9 @@ func TestParseDefaults(t *testing.T) {
 		Queue:         "orders-queue",
 		Exchange:      "orders",
 		PrefetchCount: DefaultPrefetchCount,
+		Retry:         defaultRetry,
 	}
-	if got != want {
+	if !reflect.DeepEqual(got, want) {
 		t.Errorf("Parse:\n got %+v\nwant %+v", got, want)
 	}
 	if DefaultPrefetchCount != 10 {

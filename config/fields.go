@@ -8,6 +8,7 @@ import (
 	"net/url"
 	"sort"
 	"strings"
+	"time"
 )
 
 // setter stores one decoded JSON value into the Config.
@@ -16,18 +17,155 @@ type setter func(*Config, interface{}) error
 // fields maps each key of the block to its setter: the one place where the
 // JSON names meet the struct.
 var fields = map[string]setter{
-	"host":           str(func(c *Config) *string { return &c.Host }),
-	"name":           str(func(c *Config) *string { return &c.Queue }),
-	"exchange":       str(func(c *Config) *string { return &c.Exchange }),
-	"durable":        boolean(func(c *Config) *bool { return &c.Durable }),
-	"delete":         boolean(func(c *Config) *bool { return &c.Delete }),
-	"exclusive":      boolean(func(c *Config) *bool { return &c.Exclusive }),
-	"no_wait":        boolean(func(c *Config) *bool { return &c.NoWait }),
-	"auto_ack":       boolean(func(c *Config) *bool { return &c.AutoAck }),
-	"no_local":       boolean(func(c *Config) *bool { return &c.NoLocal }),
-	"nack_discard":   boolean(func(c *Config) *bool { return &c.NackDiscard }),
-	"prefetch_count": integer(math.MaxUint16, func(c *Config) *int { return &c.PrefetchCount }),
-	"prefetch_size":  integer(math.MaxUint32, func(c *Config) *int { return &c.PrefetchSize }),
+	"host":             str(func(c *Config) *string { return &c.Host }),
+	"name":             str(func(c *Config) *string { return &c.Queue }),
+	"exchange":         str(func(c *Config) *string { return &c.Exchange }),
+	"durable":          boolean(func(c *Config) *bool { return &c.Durable }),
+	"delete":           boolean(func(c *Config) *bool { return &c.Delete }),
+	"exclusive":        boolean(func(c *Config) *bool { return &c.Exclusive }),
+	"no_wait":          boolean(func(c *Config) *bool { return &c.NoWait }),
+	"auto_ack":         boolean(func(c *Config) *bool { return &c.AutoAck }),
+	"no_local":         boolean(func(c *Config) *bool { return &c.NoLocal }),
+	"nack_discard":     boolean(func(c *Config) *bool { return &c.NackDiscard }),
+	"prefetch_count":   integer(math.MaxUint16, func(c *Config) *int { return &c.PrefetchCount }),
+	"prefetch_size":    integer(math.MaxUint32, func(c *Config) *int { return &c.PrefetchSize }),
+	"shutdown_timeout": duration(0, func(c *Config) *time.Duration { return &c.ShutdownTimeout }),
+	"retry":            object("retry", retryFields),
+	"dead_letter":      object("dead_letter", deadLetterFields),
+}
+
+var retryFields = map[string]setter{
+	"max_attempts": bounded(1, 1_000_000, func(c *Config) *int { return &c.Retry.MaxAttempts }),
+	"delay":        duration(time.Millisecond, func(c *Config) *time.Duration { return &c.Retry.Delay }),
+	"max_delay":    duration(time.Millisecond, func(c *Config) *time.Duration { return &c.Retry.MaxDelay }),
+	"multiplier":   number(1, 100, func(c *Config) *float64 { return &c.Retry.Multiplier }),
+}
+
+var deadLetterFields = map[string]setter{
+	"queue":       str(func(c *Config) *string { return &c.DeadLetter.Queue }),
+	"exchange":    str(func(c *Config) *string { return &c.DeadLetter.Exchange }),
+	"routing_key": str(func(c *Config) *string { return &c.DeadLetter.RoutingKey }),
+	"broker":      boolean(func(c *Config) *bool { return &c.DeadLetter.Broker }),
+	"statuses":    statuses,
+}
+
+// object reads a nested block with its own field table; its errors name
+// the full path, e.g. retry.delay.
+func object(name string, table map[string]setter) setter {
+	return func(c *Config, v interface{}) error {
+		m, ok := v.(map[string]interface{})
+		if !ok {
+			return fmt.Errorf("must be an object, got %s", typeName(v))
+		}
+		var errs []error
+		for _, k := range sortedKeys(m) {
+			path := name + "." + k
+			set, known := table[k]
+			if !known {
+				errs = append(errs, &FieldError{Field: path, Reason: "unknown field" + suggest(table, k)})
+				continue
+			}
+			if err := set(c, m[k]); err != nil {
+				errs = append(errs, &FieldError{Field: path, Reason: err.Error()})
+			}
+		}
+		return errors.Join(errs...)
+	}
+}
+
+// pathErrors names key on every error of a setter, unless it already
+// carries its own path (nested objects).
+func pathErrors(key string, err error) []error {
+	var out []error
+	for _, e := range unjoin(err) {
+		if _, ok := e.(*FieldError); ok {
+			out = append(out, e)
+			continue
+		}
+		out = append(out, &FieldError{Field: key, Reason: e.Error()})
+	}
+	return out
+}
+
+func unjoin(err error) []error {
+	if joined, ok := err.(interface{ Unwrap() []error }); ok {
+		return joined.Unwrap()
+	}
+	return []error{err}
+}
+
+func duration(least time.Duration, field func(*Config) *time.Duration) setter {
+	return func(c *Config, v interface{}) error {
+		s, ok := v.(string)
+		if !ok {
+			return fmt.Errorf("must be a duration such as \"1s\" or \"500ms\", got %s", typeName(v))
+		}
+		d, err := time.ParseDuration(s)
+		if err != nil {
+			return fmt.Errorf("must be a duration such as \"1s\" or \"500ms\", got %q", s)
+		}
+		if d < least {
+			return fmt.Errorf("must be at least %s, got %s", least, d)
+		}
+		*field(c) = d
+		return nil
+	}
+}
+
+func bounded(least, most int, field func(*Config) *int) setter {
+	return func(c *Config, v interface{}) error {
+		n, ok := toInt(v)
+		if !ok {
+			return fmt.Errorf("must be a whole number, got %s", typeName(v))
+		}
+		if n < least || n > most {
+			return fmt.Errorf("must be between %d and %d, got %d", least, most, n)
+		}
+		*field(c) = n
+		return nil
+	}
+}
+
+func number(least, most float64, field func(*Config) *float64) setter {
+	return func(c *Config, v interface{}) error {
+		var f float64
+		switch n := v.(type) {
+		case float64:
+			f = n
+		case int:
+			f = float64(n)
+		case int64:
+			f = float64(n)
+		case json.Number:
+			var err error
+			if f, err = n.Float64(); err != nil {
+				return fmt.Errorf("must be a number, got %q", n)
+			}
+		default:
+			return fmt.Errorf("must be a number, got %s", typeName(v))
+		}
+		if f < least || f > most || math.IsNaN(f) {
+			return fmt.Errorf("must be between %v and %v, got %v", least, most, f)
+		}
+		*field(c) = f
+		return nil
+	}
+}
+
+func statuses(c *Config, v interface{}) error {
+	list, ok := v.([]interface{})
+	if !ok {
+		return fmt.Errorf("must be a list of HTTP status codes, got %s", typeName(v))
+	}
+	c.DeadLetter.Statuses = c.DeadLetter.Statuses[:0]
+	for _, item := range list {
+		n, ok := toInt(item)
+		if !ok || n < 300 || n > 599 {
+			return fmt.Errorf("must list HTTP statuses from 300 to 599, got %s", typeName(item))
+		}
+		c.DeadLetter.Statuses = append(c.DeadLetter.Statuses, n)
+	}
+	return nil
 }
 
 func str(field func(*Config) *string) setter {
@@ -53,17 +191,7 @@ func boolean(field func(*Config) *bool) setter {
 }
 
 func integer(max int, field func(*Config) *int) setter {
-	return func(c *Config, v interface{}) error {
-		n, ok := toInt(v)
-		if !ok {
-			return fmt.Errorf("must be a whole number, got %s", typeName(v))
-		}
-		if n < 0 || n > max {
-			return fmt.Errorf("must be between 0 and %d, got %d", max, n)
-		}
-		*field(c) = n
-		return nil
-	}
+	return bounded(0, max, field)
 }
 
 // toInt accepts the number types Lura's parsers produce (JSON gives
@@ -127,11 +255,11 @@ func sortedKeys(m map[string]interface{}) []string {
 
 // suggest names a known field that differs from key only in case, dashes
 // or underscores, the usual typos.
-func suggest(key string) string {
+func suggest(table map[string]setter, key string) string {
 	fold := func(s string) string {
 		return strings.NewReplacer("_", "", "-", "").Replace(strings.ToLower(s))
 	}
-	for known := range fields {
+	for known := range table {
 		if fold(known) == fold(key) {
 			return fmt.Sprintf(" (did you mean %q?)", known)
 		}

@@ -49,12 +49,22 @@ type Settings struct {
 	// consumer tag prefix).
 	Name        string
 	DialTimeout time.Duration
+	// RetryDelays declares one retry queue per delay (see RetryQueue).
+	RetryDelays []time.Duration
+	// DeadLetterQueue is declared durable when set.
+	DeadLetterQueue string
+	// DeadLetterExchange must exist when set (checked passively).
+	DeadLetterExchange string
+	// Publish opens a channel in confirm mode for retries and dead
+	// letters.
+	Publish bool
 }
 
 // Session is one connection, one channel and one consumer.
 type Session struct {
 	conn       *amqp.Connection
 	ch         *amqp.Channel
+	pub        *publisher
 	tag        string
 	deliveries <-chan amqp.Delivery
 	closed     chan *amqp.Error
@@ -109,6 +119,18 @@ func setUp(conn *amqp.Connection, s Settings) (*Session, error) {
 	if err := declare(ch, s.Topology); err != nil {
 		return nil, err
 	}
+	if err := declareFailurePaths(ch, s); err != nil {
+		return nil, err
+	}
+	if s.Publish {
+		if sess.pub, err = newPublisher(conn); err != nil {
+			return nil, err
+		}
+		// A publishing channel the broker closed (say, a dead-letter
+		// exchange deleted meanwhile) ends the whole session: the caller
+		// reconnects and checks the topology again.
+		go closeWith(sess.pub.ch.NotifyClose(make(chan *amqp.Error, 1)), conn)
+	}
 	if err := ch.Qos(s.PrefetchCount, s.PrefetchSize, false); err != nil {
 		return nil, qosError(err, s)
 	}
@@ -135,6 +157,57 @@ func declare(ch *amqp.Channel, t Topology) error {
 		return fmt.Errorf("bind queue %q to exchange %q with routing key %q: %w", t.Queue, t.Exchange, t.RoutingKey, err)
 	}
 	return nil
+}
+
+// declareFailurePaths declares the retry queues, whose TTL sends each
+// message back to the work queue through the default exchange, and the
+// dead-letter queue, or checks that the dead-letter exchange exists.
+func declareFailurePaths(ch *amqp.Channel, s Settings) error {
+	for _, d := range s.RetryDelays {
+		name := RetryQueue(s.Queue, d)
+		args := amqp.Table{
+			"x-message-ttl":             d.Milliseconds(),
+			"x-dead-letter-exchange":    "",
+			"x-dead-letter-routing-key": s.Queue,
+		}
+		if _, err := ch.QueueDeclare(name, s.Durable, false, false, false, args); err != nil {
+			return fmt.Errorf("declare retry queue %q (ttl %s, back to %q): %w", name, d, s.Queue, err)
+		}
+	}
+	if s.DeadLetterQueue != "" {
+		if _, err := ch.QueueDeclare(s.DeadLetterQueue, true, false, false, false, nil); err != nil {
+			return fmt.Errorf("declare dead-letter queue %q: %w", s.DeadLetterQueue, err)
+		}
+	}
+	if s.DeadLetterExchange != "" {
+		if err := ch.ExchangeDeclarePassive(s.DeadLetterExchange, "topic", false, false, false, false, nil); err != nil {
+			if isCode(err, amqp.NotFound) {
+				return fmt.Errorf("dead-letter exchange %q does not exist: declare it and bind a queue to it: %w", s.DeadLetterExchange, err)
+			}
+			return fmt.Errorf("check dead-letter exchange %q: %w", s.DeadLetterExchange, err)
+		}
+	}
+	return nil
+}
+
+// RetryQueue names the retry queue of a work queue for one delay, e.g.
+// orders.retry.30s.
+func RetryQueue(queue string, d time.Duration) string {
+	switch {
+	case d%time.Hour == 0:
+		return fmt.Sprintf("%s.retry.%dh", queue, d/time.Hour)
+	case d%time.Minute == 0:
+		return fmt.Sprintf("%s.retry.%dm", queue, d/time.Minute)
+	case d%time.Second == 0:
+		return fmt.Sprintf("%s.retry.%ds", queue, d/time.Second)
+	}
+	return fmt.Sprintf("%s.retry.%dms", queue, d.Milliseconds())
+}
+
+func closeWith(closed <-chan *amqp.Error, conn *amqp.Connection) {
+	if err, ok := <-closed; ok && err != nil {
+		_ = conn.CloseDeadline(time.Now().Add(time.Second))
+	}
 }
 
 func exchangeError(err error, t Topology) error {
@@ -188,6 +261,18 @@ func (s *Session) Err() error {
 	return nil
 }
 
+// Publish sends a copy of a message (a retry, a dead letter) and returns
+// nil only once the broker has confirmed it and routed it to a queue.
+func (s *Session) Publish(ctx context.Context, exchange, key string, msg amqp.Publishing) error {
+	if s.pub == nil {
+		return errors.New("this session has no publishing channel")
+	}
+	if err := s.pub.publish(ctx, exchange, key, msg); err != nil {
+		return fmt.Errorf("publish to exchange %q with routing key %q: %w", exchange, key, err)
+	}
+	return nil
+}
+
 // Tag is the consumer tag, as listed by rabbitmqctl list_consumers.
 func (s *Session) Tag() string { return s.tag }
 
@@ -198,6 +283,9 @@ func (s *Session) Cancel() error { return s.ch.Cancel(s.tag, false) }
 // Close closes the channel and the connection. Unacknowledged deliveries
 // go back to the queue.
 func (s *Session) Close() error {
+	if s.pub != nil {
+		_ = s.pub.ch.Close()
+	}
 	chErr := s.ch.Close()
 	connErr := s.conn.Close()
 	if errors.Is(chErr, amqp.ErrClosed) {

@@ -18,6 +18,7 @@ import (
 	amqp "github.com/rabbitmq/amqp091-go"
 	"golang.org/x/time/rate"
 
+	"github.com/krakend-contrib/async-amqp/config"
 	"github.com/krakend-contrib/async-amqp/consumer"
 )
 
@@ -50,11 +51,18 @@ type Options struct {
 	MaxRate        float64
 	HealthInterval time.Duration
 	NackDiscard    bool
-	Proxy          proxy.Proxy
-	Ping           chan<- string
-	ShouldContinue func(int) bool
-	Backoff        func(int) time.Duration
-	Logger         logging.Logger
+	// Retry and DeadLetter drive failed messages, unless AutoAck or
+	// NackDiscard leave them to the broker.
+	Retry      config.Retry
+	DeadLetter config.DeadLetter
+	// ShutdownTimeout bounds in-flight dispatches at shutdown; 0 means
+	// Timeout.
+	ShutdownTimeout time.Duration
+	Proxy           proxy.Proxy
+	Ping            chan<- string
+	ShouldContinue  func(int) bool
+	Backoff         func(int) time.Duration
+	Logger          logging.Logger
 }
 
 // Agent is one running async agent.
@@ -65,10 +73,16 @@ type Agent struct {
 	stats   stats
 }
 
+// stats counts, between two reports, what the log summarises.
 type stats struct {
-	failed     atomic.Int64 // dispatches that failed since the last report
-	lastReason atomic.Value // string
-	unsettled  atomic.Int64 // acks/nacks refused since the last report
+	failed         atomic.Int64 // failed dispatches
+	lastReason     atomic.Value // string
+	unsettled      atomic.Int64 // acks/nacks refused by a closed channel
+	deadLettered   atomic.Int64
+	lastDeadLetter atomic.Value // string
+	exhausted      atomic.Int64 // out of attempts with no dead-letter set
+	copyFailed     atomic.Int64 // retry or dead-letter copies not confirmed
+	lastCopyError  atomic.Value // string
 }
 
 // New checks the options, applying the documented defaults, and returns
@@ -86,6 +100,19 @@ func New(opts Options) *Agent {
 		a.log.Warning("consumer.timeout is not set - using", DefaultTimeout)
 		a.opts.Timeout = DefaultTimeout
 	}
+	if a.opts.ShutdownTimeout <= 0 {
+		a.opts.ShutdownTimeout = a.opts.Timeout
+	}
+	if a.opts.Retry.MaxAttempts < 1 {
+		a.opts.Retry = config.Retry{MaxAttempts: config.DefaultMaxAttempts, Delay: config.DefaultDelay,
+			MaxDelay: config.DefaultMaxDelay, Multiplier: config.DefaultMultiplier}
+	}
+	if a.ownsRetries() {
+		a.opts.Session.Publish = true
+		a.opts.Session.RetryDelays = a.opts.Retry.RetryDelays()
+		a.opts.Session.DeadLetterQueue = a.opts.DeadLetter.Queue
+		a.opts.Session.DeadLetterExchange = a.opts.DeadLetter.Exchange
+	}
 	if a.opts.HealthInterval <= 0 {
 		a.opts.HealthInterval = DefaultHealthInterval
 	}
@@ -102,6 +129,13 @@ func New(opts Options) *Agent {
 		a.log.Warning("no_local is passed to the broker, but RabbitMQ ignores it")
 	}
 	return a
+}
+
+// ownsRetries tells whether failed messages go through the driver's
+// retry queues: not with auto_ack (the broker forgot them) nor with
+// nack_discard (the broker drops or dead-letters them).
+func (a *Agent) ownsRetries() bool {
+	return !a.opts.Session.AutoAck && !a.opts.NackDiscard
 }
 
 // Run consumes until ctx is cancelled (it then returns nil) or until the
@@ -162,7 +196,7 @@ func (a *Agent) serve(ctx context.Context, sess *consumer.Session) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			a.work(ctx, sess.Deliveries())
+			a.work(ctx, sess)
 		}()
 	}
 	done := make(chan struct{})
@@ -200,12 +234,13 @@ func (a *Agent) serve(ctx context.Context, sess *consumer.Session) error {
 func (a *Agent) drain(sess *consumer.Session, done <-chan struct{}) {
 	a.log.Info("stopping: cancelling the consumer and waiting for in-flight messages")
 	go func() { _ = sess.Cancel() }()
-	grace := time.NewTimer(a.opts.Timeout + time.Second)
+	bound := a.opts.ShutdownTimeout + time.Second
+	grace := time.NewTimer(bound)
 	defer grace.Stop()
 	select {
 	case <-done:
 	case <-grace.C:
-		a.log.Warning("in-flight messages did not finish within", a.opts.Timeout+time.Second, "- closing; the broker requeues them")
+		a.log.Warning("in-flight messages did not finish within", bound, "- closing; the broker requeues them")
 	}
 	if err := sess.Close(); err != nil {
 		a.log.Debug("closing the session:", err)
@@ -215,8 +250,8 @@ func (a *Agent) drain(sess *consumer.Session, done <-chan struct{}) {
 // work handles deliveries until the channel closes. After shutdown has
 // begun, messages not yet dispatched are handed back (nack with requeue),
 // except with auto_ack, where the broker has already forgotten them.
-func (a *Agent) work(ctx context.Context, deliveries <-chan amqp.Delivery) {
-	for d := range deliveries {
+func (a *Agent) work(ctx context.Context, sess session) {
+	for d := range sess.Deliveries() {
 		if !a.opts.Session.AutoAck && (ctx.Err() != nil || a.wait(ctx) != nil) {
 			a.settle(&d, result{reason: "agent stopping"}, false)
 			continue
@@ -225,10 +260,20 @@ func (a *Agent) work(ctx context.Context, deliveries <-chan amqp.Delivery) {
 			_ = a.wait(ctx)
 		}
 		r := a.dispatch(ctx, &d)
-		if !a.opts.Session.AutoAck {
+		switch {
+		case a.opts.Session.AutoAck:
+		case r.ok || !a.ownsRetries():
 			a.settle(&d, r, a.opts.NackDiscard)
+		default:
+			a.fail(ctx, sess, &d, r)
 		}
 	}
+}
+
+// session is what the workers use of a consumer session.
+type session interface {
+	Deliveries() <-chan amqp.Delivery
+	publisher
 }
 
 // wait applies consumer.max_rate, shared by all workers of the agent.
@@ -273,6 +318,9 @@ func (a *Agent) report() {
 	if n := a.stats.failed.Swap(0); n > 0 {
 		reason, _ := a.stats.lastReason.Load().(string)
 		action := "requeued"
+		if a.ownsRetries() {
+			action = "scheduled for a retry or dead-lettered"
+		}
 		if a.opts.NackDiscard {
 			action = "discarded (nack_discard)"
 		}
@@ -281,9 +329,31 @@ func (a *Agent) report() {
 		}
 		a.log.Warning(fmt.Sprintf("%d messages failed and were %s; last failure: %s", n, action, reason))
 	}
+	if n := a.stats.deadLettered.Swap(0); n > 0 {
+		reason, _ := a.stats.lastDeadLetter.Load().(string)
+		a.log.Warning(fmt.Sprintf("%d messages dead-lettered to %s; last reason: %s", n, a.deadLetterName(), reason))
+	}
+	if n := a.stats.exhausted.Swap(0); n > 0 {
+		a.log.Error(fmt.Sprintf("%d messages used their %d attempts and no dead_letter is configured: they are kept and retried every %s",
+			n, a.opts.Retry.MaxAttempts, a.opts.Retry.MaxDelay))
+	}
+	if n := a.stats.copyFailed.Swap(0); n > 0 {
+		reason, _ := a.stats.lastCopyError.Load().(string)
+		a.log.Error(fmt.Sprintf("%d failed messages could not be copied to their retry or dead-letter queue and were requeued; last error: %s", n, reason))
+	}
 	if n := a.stats.unsettled.Swap(0); n > 0 {
 		a.log.Warning(n, "acks/nacks were refused on a closed channel; the broker redelivers those messages")
 	}
+}
+
+func (a *Agent) deadLetterName() string {
+	switch d := a.opts.DeadLetter; {
+	case d.Queue != "":
+		return fmt.Sprintf("queue %q", d.Queue)
+	case d.Exchange != "":
+		return fmt.Sprintf("exchange %q", d.Exchange)
+	}
+	return "the queue's own dead-letter exchange"
 }
 
 // ping tells the gateway the agent is alive. It never blocks: a missed

@@ -18,6 +18,8 @@ type Acknowledger interface {
 type result struct {
 	ok     bool
 	reason string
+	// status is the backend's HTTP status when Lura exposes it, else 0.
+	status int
 }
 
 // judge decides whether a pipeline answer means the message was handled.
@@ -27,14 +29,14 @@ type result struct {
 func judge(resp *proxy.Response, err error) result {
 	switch {
 	case err != nil:
-		return result{reason: err.Error()}
+		return result{reason: err.Error(), status: statusOf(err)}
 	case resp == nil:
 		return result{reason: "the backend pipeline returned no response"}
 	case !resp.IsComplete:
 		return result{reason: "incomplete response: at least one backend failed"}
 	}
 	if s := resp.Metadata.StatusCode; s != 0 && (s < 200 || s > 299) {
-		return result{reason: fmt.Sprintf("backend answered status %d", s)}
+		return result{reason: fmt.Sprintf("backend answered status %d", s), status: s}
 	}
 	return result{ok: true}
 }

@@ -297,21 +297,44 @@ func (p *outcomeProxy) count() int {
 	return p.calls
 }
 
-// deliveries returns a closed channel holding one delivery per body, with
-// tags 1..n.
-func deliveries(acker amqp.Acknowledger, bodies ...string) <-chan amqp.Delivery {
+// fakeSession hands out deliveries and records the copies published.
+type fakeSession struct {
+	ch        <-chan amqp.Delivery
+	mu        sync.Mutex
+	published []string // "exchange/key"
+	err       error
+}
+
+func (f *fakeSession) Deliveries() <-chan amqp.Delivery { return f.ch }
+
+func (f *fakeSession) Publish(_ context.Context, exchange, key string, _ amqp.Publishing) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.published = append(f.published, exchange+"/"+key)
+	return f.err
+}
+
+func (f *fakeSession) publishes() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.published)
+}
+
+// deliveries returns a session whose closed channel holds one delivery
+// per body, with tags 1..n.
+func deliveries(acker amqp.Acknowledger, bodies ...string) *fakeSession {
 	ch := make(chan amqp.Delivery, len(bodies))
 	for i, b := range bodies {
 		ch <- amqp.Delivery{Acknowledger: acker, DeliveryTag: uint64(i + 1), Body: []byte(b), RoutingKey: "k"}
 	}
 	close(ch)
-	return ch
+	return &fakeSession{ch: ch}
 }
 
 func TestAgentWork(t *testing.T) {
 	mixed := []string{"ok", "500", "err", "body", "incomplete", "404", "panic", "ok"}
 	settled := func(discard bool) []settleCall {
-		fail := nackRequeue
+		fail := ack // copied to a retry queue, then acked
 		if discard {
 			fail = nackDiscard
 		}
@@ -334,13 +357,14 @@ func TestAgentWork(t *testing.T) {
 		workers   int
 		// want is the single settle call expected per delivery, in tag
 		// order; nil means no call at all.
-		want      []settleCall
-		wantCalls int
+		want       []settleCall
+		wantCalls  int
+		wantCopies int
 	}{
-		{name: "outcomes map to ack and nack with requeue", bodies: mixed, want: settled(false), wantCalls: len(mixed)},
+		{name: "failures are copied to a retry queue, then acked", bodies: mixed, want: settled(false), wantCalls: len(mixed), wantCopies: 5},
 		{name: "nack_discard nacks without requeue", bodies: mixed, discard: true, want: settled(true), wantCalls: len(mixed)},
-		{name: "several workers settle each delivery once", bodies: mixed, workers: 4, want: settled(false), wantCalls: len(mixed)},
-		{name: "max_rate still dispatches", bodies: mixed, maxRate: 1e9, want: settled(false), wantCalls: len(mixed)},
+		{name: "several workers settle each delivery once", bodies: mixed, workers: 4, want: settled(false), wantCalls: len(mixed), wantCopies: 5},
+		{name: "max_rate still dispatches", bodies: mixed, maxRate: 1e9, want: settled(false), wantCalls: len(mixed), wantCopies: 5},
 		{name: "auto_ack: no ack or nack", bodies: mixed, autoAck: true, wantCalls: len(mixed)},
 		{name: "auto_ack with nack_discard: no ack or nack", bodies: mixed, autoAck: true, discard: true, wantCalls: len(mixed)},
 		{name: "stopping: nacked with requeue, not dispatched", bodies: mixed, cancelled: true, want: allNackRequeue(len(mixed))},
@@ -381,6 +405,9 @@ func TestAgentWork(t *testing.T) {
 
 			if got := p.count(); got != tc.wantCalls {
 				t.Errorf("proxy called %d times, want %d", got, tc.wantCalls)
+			}
+			if got := ch.publishes(); got != tc.wantCopies {
+				t.Errorf("%d copies published, want %d", got, tc.wantCopies)
 			}
 			got := acker.byTag()
 			if tc.want == nil {
@@ -479,7 +506,7 @@ func TestAgentReport(t *testing.T) {
 		{
 			name:   "failures are counted once, with the last reason",
 			bodies: []string{"ok", "500", "500", "ok"},
-			want:   []string{"WARNING:", "[AMQP][reporter]", "2 messages failed and were requeued", "status 500"},
+			want:   []string{"WARNING:", "[AMQP][reporter]", "2 messages failed and were scheduled for a retry or dead-lettered", "status 500"},
 		},
 		{
 			name:    "nack_discard",

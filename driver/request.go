@@ -29,6 +29,9 @@ const (
 	HeaderAppID         = "X-Amqp-App-Id"
 	HeaderUserID        = "X-Amqp-User-Id"
 	HeaderTimestamp     = "X-Amqp-Timestamp"
+	// HeaderAttempt is the number of this dispatch of the message: 1
+	// the first time, 2 after one failure, and so on.
+	HeaderAttempt = "X-Amqp-Attempt"
 	// HeaderPrefix precedes the name of every AMQP message header.
 	HeaderPrefix = "X-Amqp-Header-"
 )
@@ -48,10 +51,12 @@ func newRequest(d *amqp.Delivery) *proxy.Request {
 			h[name] = []string{cleanValue(value)}
 		}
 	}
+	exchange, key := origin(d)
 	set("Content-Type", d.ContentType)
 	set("Content-Encoding", d.ContentEncoding)
-	set(HeaderRoutingKey, d.RoutingKey)
-	set(HeaderExchange, d.Exchange)
+	set(HeaderRoutingKey, key)
+	set(HeaderExchange, exchange)
+	set(HeaderAttempt, strconv.Itoa(failedAttempts(d.Headers)+1))
 	set(HeaderRedelivered, strconv.FormatBool(d.Redelivered))
 	set(HeaderMessageID, d.MessageId)
 	set(HeaderCorrelationID, d.CorrelationId)
@@ -63,6 +68,9 @@ func newRequest(d *amqp.Delivery) *proxy.Request {
 		set(HeaderTimestamp, d.Timestamp.UTC().Format(time.RFC3339))
 	}
 	for k, v := range d.Headers {
+		if strings.HasPrefix(k, internalPrefix) {
+			continue
+		}
 		// Two keys may clean to one name: keep both values.
 		if value := formatValue(v); value != "" {
 			name := HeaderPrefix + cleanName(k)
@@ -74,13 +82,25 @@ func newRequest(d *amqp.Delivery) *proxy.Request {
 		Body:    io.NopCloser(bytes.NewReader(d.Body)),
 		Headers: h,
 		Params: map[string]string{
-			"Routing_key":    pathParam(d.RoutingKey),
-			"Exchange":       pathParam(d.Exchange),
+			"Routing_key":    pathParam(key),
+			"Exchange":       pathParam(exchange),
 			"Message_id":     pathParam(d.MessageId),
 			"Correlation_id": pathParam(d.CorrelationId),
 			"Redelivered":    strconv.FormatBool(d.Redelivered),
 		},
 	}
+}
+
+// origin is where the message was first published: a retried message
+// comes back from its retry queue through the default exchange, and
+// carries the original exchange and routing key in headers.
+func origin(d *amqp.Delivery) (exchange, key string) {
+	key, ok := d.Headers[HeaderOriginalRoutingKey].(string)
+	if !ok {
+		return d.Exchange, d.RoutingKey
+	}
+	exchange, _ = d.Headers[HeaderOriginalExchange].(string)
+	return exchange, key
 }
 
 // pathParam escapes a value for one path segment. "." and ".." are

@@ -52,7 +52,8 @@ func Name(t testing.TB, what string) string {
 	return fmt.Sprintf("t-%s-%s-%s", base, what, hex.EncodeToString(b[:]))
 }
 
-// Cleanup deletes the queues and exchanges when the test ends.
+// Cleanup deletes the queue, the queues named after it (its retry
+// queues, <queue>.retry.<delay>) and the exchange when the test ends.
 func Cleanup(t testing.TB, conn *amqp.Connection, queue, exchange string) {
 	t.Cleanup(func() {
 		ch, err := conn.Channel()
@@ -62,6 +63,11 @@ func Cleanup(t testing.TB, conn *amqp.Connection, queue, exchange string) {
 		defer ch.Close()
 		if queue != "" {
 			_, _ = ch.QueueDelete(queue, false, false, false)
+			for _, row := range Rabbitmqctl(t, "list_queues", "--no-table-headers", "name") {
+				if strings.HasPrefix(row[0], queue+".") {
+					_, _ = ch.QueueDelete(row[0], false, false, false)
+				}
+			}
 		}
 		if exchange != "" {
 			_ = ch.ExchangeDelete(exchange, false, false)
@@ -154,6 +160,21 @@ func Queue(t testing.TB, name string) (QueueInfo, bool) {
 		}, true
 	}
 	return QueueInfo{}, false
+}
+
+// Pending counts the messages, ready or unacked, in a queue and in the
+// queues named after it (its retry queues).
+func Pending(t testing.TB, queue string) int {
+	t.Helper()
+	n := 0
+	for _, f := range Rabbitmqctl(t, "list_queues", "--no-table-headers", "name", "messages_ready", "messages_unacknowledged") {
+		if len(f) == 3 && (f[0] == queue || strings.HasPrefix(f[0], queue+".retry.")) {
+			ready, _ := strconv.Atoi(f[1])
+			unacked, _ := strconv.Atoi(f[2])
+			n += ready + unacked
+		}
+	}
+	return n
 }
 
 // Counts reads ready and unacked counts of a queue over AMQP (a passive
