@@ -7,6 +7,7 @@ package asyncamqp
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"strings"
@@ -15,6 +16,7 @@ import (
 	luraconfig "github.com/luraproject/lura/v2/config"
 	"github.com/luraproject/lura/v2/encoding"
 	"github.com/luraproject/lura/v2/logging"
+	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/krakend-contrib/async-amqp/config"
 	"github.com/krakend-contrib/async-amqp/consumer"
@@ -51,7 +53,11 @@ func StartAgent(ctx context.Context, opts async.Options) bool {
 		logger.Error(prefix, "not started, invalid configuration:", strings.ReplaceAll(err.Error(), "\n", "; "))
 		return true
 	}
-	agent := driver.New(agentOptions(opts, cfg))
+	tlsConfig, _ := cfg.TLS.Load() // checked above
+	if cfg.TLS.InsecureSkipVerify {
+		logger.Warning(prefix, "tls.insecure_skip_verify is set: the broker's certificate is not verified")
+	}
+	agent := driver.New(agentOptions(opts, cfg, tlsConfig))
 	opts.G.Go(func() error {
 		_ = agent.Run(ctx)
 		return nil
@@ -68,10 +74,13 @@ func Check(agent *luraconfig.AsyncAgent) error {
 		return errors.New("no agent to check")
 	}
 	var errs []error
-	if _, err := config.FromExtraConfig(agent.ExtraConfig); err != nil {
+	cfg, err := config.FromExtraConfig(agent.ExtraConfig)
+	if err != nil {
+		errs = append(errs, blockErrors(agent, err))
+	} else if _, err := cfg.TLS.Load(); err != nil {
 		errs = append(errs, blockErrors(agent, err))
 	}
-	if strings.TrimSpace(agent.Consumer.Topic) == "" {
+	if needsTopic(cfg) && strings.TrimSpace(agent.Consumer.Topic) == "" {
 		errs = append(errs, fmt.Errorf("agent %q: consumer.topic: required: the routing key the queue is bound with (\"#\" takes every message)", agent.Name))
 	}
 	if agent.Consumer.MaxRate < 0 {
@@ -93,6 +102,20 @@ func Check(agent *luraconfig.AsyncAgent) error {
 		b.URLPattern = pattern
 	}
 	return errors.Join(errs...)
+}
+
+// needsTopic tells whether the binding needs consumer.topic: not when
+// routing_keys replace it, nor when the driver binds nothing.
+func needsTopic(cfg config.Config) bool {
+	return len(cfg.RoutingKeys) == 0 && cfg.ExchangeType != "fanout" && cfg.Topology == config.TopologyDeclare
+}
+
+// routingKeys are the binding keys: routing_keys, else consumer.topic.
+func routingKeys(cfg config.Config, topic string) []string {
+	if len(cfg.RoutingKeys) > 0 {
+		return cfg.RoutingKeys
+	}
+	return []string{topic}
 }
 
 // blockErrors names the agent and the path of each problem of its
@@ -124,18 +147,20 @@ func unjoin(err error) []error {
 	return []error{err}
 }
 
-func agentOptions(opts async.Options, cfg config.Config) driver.Options {
+func agentOptions(opts async.Options, cfg config.Config, tlsConfig *tls.Config) driver.Options {
 	a := opts.Agent
 	return driver.Options{
 		Name: a.Name,
 		Session: consumer.Settings{
-			URL:      cfg.Host,
-			Redacted: config.Redacted(cfg.Host),
+			URLs: cfg.URLs(),
+			TLS:  tlsConfig,
 			Topology: consumer.Topology{
 				Exchange:     cfg.Exchange,
-				ExchangeType: "topic",
+				ExchangeType: cfg.ExchangeType,
 				Queue:        cfg.Queue,
-				RoutingKey:   a.Consumer.Topic,
+				RoutingKeys:  routingKeys(cfg, a.Consumer.Topic),
+				QueueArgs:    amqp.Table(cfg.QueueArgs),
+				Mode:         cfg.Topology,
 				Durable:      cfg.Durable,
 				AutoDelete:   cfg.Delete,
 				Exclusive:    cfg.Exclusive,

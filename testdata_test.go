@@ -20,7 +20,7 @@ var invalidFixtures = map[string]struct {
 	"missing-host.json":    {agent: "no-host", field: "extra_config.async/amqp.host"},
 	"bad-scheme.json":      {agent: "bad-scheme", field: "extra_config.async/amqp.host"},
 	"bad-prefetch.json":    {agent: "bad-prefetch", field: "extra_config.async/amqp.prefetch_count"},
-	"unknown-field.json":   {agent: "unknown-field", field: "extra_config.async/amqp.exchange_type"},
+	"unknown-field.json":   {agent: "unknown-field", field: "extra_config.async/amqp.exchange_kind"},
 	"missing-topic.json":   {agent: "no-topic", field: "consumer.topic"},
 	"bad-placeholder.json": {agent: "bad-placeholder", field: "backend[0].url_pattern"},
 }

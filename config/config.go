@@ -55,6 +55,40 @@ type Config struct {
 	// ShutdownTimeout bounds how long in-flight dispatches may run once
 	// the agent stops; 0 means the dispatch timeout.
 	ShutdownTimeout time.Duration
+	// Hosts are more URLs of the same cluster, tried in turn after Host.
+	Hosts []string
+	// TLS configures amqps:// connections (field "tls").
+	TLS TLS
+	// QueueArgs are passed to the queue declaration (field "queue_args").
+	QueueArgs map[string]interface{}
+	// RoutingKeys bind the queue; none means the agent's consumer.topic.
+	RoutingKeys []string
+	// ExchangeType is topic unless set.
+	ExchangeType string
+	// Topology says what the driver declares: TopologyDeclare (default),
+	// TopologyPassive or TopologyNone.
+	Topology string
+}
+
+// Topology modes: what the driver declares on the broker.
+const (
+	// TopologyDeclare declares the exchange and the queue and binds them.
+	TopologyDeclare = "declare"
+	// TopologyPassive checks that the exchange and the queue exist and
+	// declares or binds nothing.
+	TopologyPassive = "passive"
+	// TopologyNone touches no topology: the queue must exist.
+	TopologyNone = "none"
+)
+
+// TLS is the client side of an amqps:// connection. The files are read
+// when the agent starts.
+type TLS struct {
+	CAFile             string
+	CertFile           string
+	KeyFile            string
+	ServerName         string
+	InsecureSkipVerify bool
 }
 
 // Retry is the delayed-retry policy of failed messages.
@@ -122,7 +156,7 @@ func Parse(raw interface{}) (Config, error) {
 	if !ok {
 		return Config{}, fmt.Errorf("the block must be an object, got %s", typeName(raw))
 	}
-	cfg := Config{PrefetchCount: DefaultPrefetchCount, Retry: Retry{
+	cfg := Config{PrefetchCount: DefaultPrefetchCount, ExchangeType: "topic", Topology: TopologyDeclare, Retry: Retry{
 		MaxAttempts: DefaultMaxAttempts, Delay: DefaultDelay, MaxDelay: DefaultMaxDelay, Multiplier: DefaultMultiplier,
 	}}
 	var errs []error
@@ -158,6 +192,17 @@ func (c Config) validate(block map[string]interface{}, bad map[string]bool) []er
 		if err := checkHost(c.Host); err != nil {
 			errs = append(errs, &FieldError{Field: "host", Reason: err.Error()})
 		}
+	}
+	for i, h := range c.Hosts {
+		if err := checkHost(h); err != nil {
+			errs = append(errs, &FieldError{Field: fmt.Sprintf("hosts[%d]", i), Reason: err.Error()})
+		}
+	}
+	if _, set := block["tls"]; set && !bad["tls"] && !c.usesTLS() {
+		errs = append(errs, &FieldError{Field: "tls", Reason: "applies to amqps:// hosts only"})
+	}
+	if !bad["queue_args"] {
+		errs = append(errs, c.checkQueueArgs()...)
 	}
 	if !bad["retry"] && c.Retry.MaxDelay < c.Retry.Delay {
 		errs = append(errs, &FieldError{Field: "retry.max_delay", Reason: fmt.Sprintf(
@@ -207,11 +252,14 @@ func (r Retry) RetryDelays() []time.Duration {
 	var out []time.Duration
 	d := float64(r.Delay)
 	for {
-		step := min(time.Duration(d), r.MaxDelay).Round(time.Millisecond)
+		capped := min(time.Duration(d), r.MaxDelay)
+		step := capped.Round(time.Millisecond)
 		if len(out) == 0 || step != out[len(out)-1] {
 			out = append(out, step)
 		}
-		if step >= r.MaxDelay || r.Multiplier <= 1 || len(out) > MaxRetryQueues {
+		// The cap is reached on the unrounded delay: a max_delay that
+		// rounds down (1.4ms) would otherwise never be reached.
+		if capped >= r.MaxDelay || r.Multiplier <= 1 || len(out) > MaxRetryQueues {
 			return out
 		}
 		d *= r.Multiplier
@@ -227,3 +275,15 @@ func (r Retry) DelayFor(n int) time.Duration {
 
 // MaxRetryQueues bounds how many retry queues one policy may need.
 const MaxRetryQueues = 20
+
+// URLs lists the broker URLs in the order they are tried.
+func (c Config) URLs() []string { return append([]string{c.Host}, c.Hosts...) }
+
+func (c Config) usesTLS() bool {
+	for _, u := range c.URLs() {
+		if strings.HasPrefix(strings.ToLower(u), "amqps://") {
+			return true
+		}
+	}
+	return false
+}

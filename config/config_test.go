@@ -109,6 +109,8 @@ func TestParseFullBlock(t *testing.T) {
 		NoLocal:       true,
 		NackDiscard:   true,
 		Retry:         defaultRetry,
+		ExchangeType:  "topic",
+		Topology:      TopologyDeclare,
 	}
 	block := func(count, size interface{}) map[string]interface{} {
 		return map[string]interface{}{
@@ -188,7 +190,8 @@ func TestParseEachBooleanField(t *testing.T) {
 			if !tc.get(got) {
 				t.Errorf("%s: true was not stored in its field: %+v", tc.key, got)
 			}
-			want := Config{Host: got.Host, Queue: got.Queue, Exchange: got.Exchange, PrefetchCount: DefaultPrefetchCount, Retry: defaultRetry}
+			want := Config{Host: got.Host, Queue: got.Queue, Exchange: got.Exchange, PrefetchCount: DefaultPrefetchCount, Retry: defaultRetry,
+				ExchangeType: "topic", Topology: TopologyDeclare}
 			cleared := got
 			cleared.Durable, cleared.Delete, cleared.Exclusive, cleared.NoWait = false, false, false, false
 			cleared.AutoAck, cleared.NoLocal, cleared.NackDiscard = false, false, false
@@ -219,6 +222,8 @@ func TestParseDefaults(t *testing.T) {
 		Exchange:      "orders",
 		PrefetchCount: DefaultPrefetchCount,
 		Retry:         defaultRetry,
+		ExchangeType:  "topic",
+		Topology:      TopologyDeclare,
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("Parse:\n got %+v\nwant %+v", got, want)

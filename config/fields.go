@@ -32,6 +32,71 @@ var fields = map[string]setter{
 	"shutdown_timeout": duration(0, func(c *Config) *time.Duration { return &c.ShutdownTimeout }),
 	"retry":            object("retry", retryFields),
 	"dead_letter":      object("dead_letter", deadLetterFields),
+	"hosts":            stringList(false, func(c *Config) *[]string { return &c.Hosts }),
+	"tls":              object("tls", tlsFields),
+	"queue_args":       queueArgs,
+	"routing_keys":     stringList(true, func(c *Config) *[]string { return &c.RoutingKeys }),
+	"exchange_type":    oneOf([]string{"topic", "direct", "fanout"}, func(c *Config) *string { return &c.ExchangeType }),
+	"topology":         oneOf([]string{TopologyDeclare, TopologyPassive, TopologyNone}, func(c *Config) *string { return &c.Topology }),
+}
+
+var tlsFields = map[string]setter{
+	"ca_file":              str(func(c *Config) *string { return &c.TLS.CAFile }),
+	"cert_file":            str(func(c *Config) *string { return &c.TLS.CertFile }),
+	"key_file":             str(func(c *Config) *string { return &c.TLS.KeyFile }),
+	"server_name":          str(func(c *Config) *string { return &c.TLS.ServerName }),
+	"insecure_skip_verify": boolean(func(c *Config) *bool { return &c.TLS.InsecureSkipVerify }),
+}
+
+// stringList reads a list of strings; with allowEmpty false, no item
+// may be blank.
+func stringList(allowEmpty bool, field func(*Config) *[]string) setter {
+	return func(c *Config, v interface{}) error {
+		list, ok := v.([]interface{})
+		if !ok {
+			return fmt.Errorf("must be a list of strings, got %s", typeName(v))
+		}
+		out := make([]string, 0, len(list))
+		for i, item := range list {
+			s, ok := item.(string)
+			if !ok {
+				return fmt.Errorf("item %d must be a string, got %s", i, typeName(item))
+			}
+			if !allowEmpty && strings.TrimSpace(s) == "" {
+				return fmt.Errorf("item %d must not be empty", i)
+			}
+			out = append(out, s)
+		}
+		*field(c) = out
+		return nil
+	}
+}
+
+func oneOf(allowed []string, field func(*Config) *string) setter {
+	return func(c *Config, v interface{}) error {
+		s, ok := v.(string)
+		if !ok || !contains(allowed, s) {
+			return fmt.Errorf("must be one of %q, got %s", allowed, quoteOrType(v))
+		}
+		*field(c) = s
+		return nil
+	}
+}
+
+func quoteOrType(v interface{}) string {
+	if s, ok := v.(string); ok {
+		return fmt.Sprintf("%q", s)
+	}
+	return typeName(v)
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
 }
 
 var retryFields = map[string]setter{

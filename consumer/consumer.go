@@ -8,6 +8,7 @@ package consumer
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -16,6 +17,8 @@ import (
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/krakend-contrib/async-amqp/config"
 )
 
 // Topology is what the session declares before it consumes.
@@ -23,7 +26,11 @@ type Topology struct {
 	Exchange     string
 	ExchangeType string
 	Queue        string
-	RoutingKey   string
+	RoutingKeys  []string
+	// QueueArgs are the queue declaration's arguments (x-queue-type...).
+	QueueArgs amqp.Table
+	// Mode is config.TopologyDeclare, TopologyPassive or TopologyNone.
+	Mode string
 	// Durable applies to the exchange and the queue.
 	Durable bool
 	// AutoDelete applies to the exchange and the queue.
@@ -36,10 +43,11 @@ type Topology struct {
 
 // Settings configure one session.
 type Settings struct {
-	// URL holds credentials: it is never put in an error or a log.
-	URL string
-	// Redacted is URL without its password, used in errors.
-	Redacted string
+	// URLs are tried in turn. They hold credentials: errors and logs
+	// only ever show config.Redacted(url).
+	URLs []string
+	// TLS is used for amqps:// URLs; nil means amqp091's defaults.
+	TLS *tls.Config
 	Topology
 	PrefetchCount int
 	PrefetchSize  int
@@ -74,9 +82,9 @@ type Session struct {
 // off the queue before Open returns the session to its caller, who must
 // drain Deliveries until it is closed.
 func Open(ctx context.Context, s Settings) (*Session, error) {
-	conn, err := dial(ctx, s)
+	conn, err := dialAny(ctx, s)
 	if err != nil {
-		return nil, fmt.Errorf("connect to %s: %w", s.Redacted, err)
+		return nil, err
 	}
 	sess, err := setUp(conn, s)
 	if err != nil {
@@ -86,7 +94,27 @@ func Open(ctx context.Context, s Settings) (*Session, error) {
 	return sess, nil
 }
 
-func dial(ctx context.Context, s Settings) (*amqp.Connection, error) {
+// dialAny tries each URL in turn and returns the first connection, or
+// every failure.
+func dialAny(ctx context.Context, s Settings) (*amqp.Connection, error) {
+	var errs []error
+	for _, u := range s.URLs {
+		conn, err := dial(ctx, u, s)
+		if err == nil {
+			return conn, nil
+		}
+		errs = append(errs, fmt.Errorf("connect to %s: %w", config.Redacted(u), err))
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	if len(errs) == 0 {
+		return nil, errors.New("no broker URL to connect to")
+	}
+	return nil, errors.Join(errs...)
+}
+
+func dial(ctx context.Context, url string, s Settings) (*amqp.Connection, error) {
 	timeout := s.DialTimeout
 	if timeout <= 0 {
 		timeout = 10 * time.Second
@@ -94,8 +122,13 @@ func dial(ctx context.Context, s Settings) (*amqp.Connection, error) {
 	props := amqp.NewConnectionProperties()
 	props.SetClientConnectionName(connectionName(s.Name))
 	props["product"] = "krakend-contrib/async-amqp"
-	return amqp.DialConfig(s.URL, amqp.Config{
-		Properties: props,
+	var tlsConfig *tls.Config
+	if s.TLS != nil {
+		tlsConfig = s.TLS.Clone() // amqp091 fills in ServerName per URL
+	}
+	return amqp.DialConfig(url, amqp.Config{
+		Properties:      props,
+		TLSClientConfig: tlsConfig,
 		Dial: func(network, addr string) (net.Conn, error) {
 			d := net.Dialer{Timeout: timeout}
 			conn, err := d.DialContext(ctx, network, addr)
@@ -141,20 +174,48 @@ func setUp(conn *amqp.Connection, s Settings) (*Session, error) {
 	return sess, nil
 }
 
-// declare maps the configuration to the three declarations in one place,
+// declare maps the configuration to the declarations in one place,
 // naming every positional flag.
 func declare(ch *amqp.Channel, t Topology) error {
+	switch t.Mode {
+	case config.TopologyNone:
+		return nil
+	case config.TopologyPassive:
+		return checkExists(ch, t)
+	}
 	const internal = false
 	err := ch.ExchangeDeclare(t.Exchange, t.ExchangeType, t.Durable, t.AutoDelete, internal, t.NoWait, nil)
 	if err != nil {
 		return exchangeError(err, t)
 	}
-	_, err = ch.QueueDeclare(t.Queue, t.Durable, t.AutoDelete, t.Exclusive, t.NoWait, nil)
+	_, err = ch.QueueDeclare(t.Queue, t.Durable, t.AutoDelete, t.Exclusive, t.NoWait, t.QueueArgs)
 	if err != nil {
 		return queueError(err, t)
 	}
-	if err := ch.QueueBind(t.Queue, t.RoutingKey, t.Exchange, t.NoWait, nil); err != nil {
-		return fmt.Errorf("bind queue %q to exchange %q with routing key %q: %w", t.Queue, t.Exchange, t.RoutingKey, err)
+	for _, key := range t.RoutingKeys {
+		if err := ch.QueueBind(t.Queue, key, t.Exchange, t.NoWait, nil); err != nil {
+			return fmt.Errorf("bind queue %q to exchange %q with routing key %q: %w", t.Queue, t.Exchange, key, err)
+		}
+	}
+	return nil
+}
+
+// checkExists passively declares the exchange and the queue: the broker
+// answers 404 for one that is missing, and the error says which.
+func checkExists(ch *amqp.Channel, t Topology) error {
+	err := ch.ExchangeDeclarePassive(t.Exchange, t.ExchangeType, t.Durable, t.AutoDelete, false, false, nil)
+	if isCode(err, amqp.NotFound) {
+		return fmt.Errorf("exchange %q does not exist (topology is passive: the driver declares nothing): %w", t.Exchange, err)
+	}
+	if err != nil {
+		return fmt.Errorf("check exchange %q: %w", t.Exchange, err)
+	}
+	_, err = ch.QueueDeclarePassive(t.Queue, t.Durable, t.AutoDelete, t.Exclusive, false, nil)
+	if isCode(err, amqp.NotFound) {
+		return fmt.Errorf("queue %q does not exist (topology is passive: the driver declares nothing): %w", t.Queue, err)
+	}
+	if err != nil {
+		return fmt.Errorf("check queue %q: %w", t.Queue, err)
 	}
 	return nil
 }
@@ -223,8 +284,8 @@ func queueError(err error, t Topology) error {
 	switch {
 	case isCode(err, amqp.PreconditionFailed):
 		return fmt.Errorf("declare queue %q: it already exists with other settings than this agent's "+
-			"(durable %t, auto-delete %t, exclusive %t); the broker says: %w",
-			t.Queue, t.Durable, t.AutoDelete, t.Exclusive, err)
+			"(durable %t, auto-delete %t, exclusive %t, arguments %v); the broker says: %w",
+			t.Queue, t.Durable, t.AutoDelete, t.Exclusive, t.QueueArgs, err)
 	case isCode(err, amqp.ResourceLocked):
 		return fmt.Errorf("declare queue %q: it is exclusive to another connection; the broker says: %w", t.Queue, err)
 	}

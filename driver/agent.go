@@ -9,6 +9,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -188,7 +189,7 @@ func (a *Agent) backoff(retries int) (wait time.Duration) {
 func (a *Agent) serve(ctx context.Context, sess *consumer.Session) error {
 	s := a.opts.Session
 	a.log.Info(fmt.Sprintf("consuming queue %q bound to exchange %q with %q as %s (workers %d, prefetch %d)",
-		s.Queue, s.Exchange, s.RoutingKey, sess.Tag(), a.opts.Workers, s.PrefetchCount))
+		s.Queue, s.Exchange, strings.Join(s.RoutingKeys, `", "`), sess.Tag(), a.opts.Workers, s.PrefetchCount))
 	a.ping()
 
 	var wg sync.WaitGroup

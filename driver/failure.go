@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"strings"
 	"time"
 
@@ -55,7 +56,9 @@ func (a *Agent) fail(ctx context.Context, pub publisher, d *amqp.Delivery, r res
 		err = a.deadLetter(ctx, pub, d, attempt, r.reason)
 	case giveUp:
 		a.stats.exhausted.Add(1)
-		err = a.retry(ctx, pub, d, attempt, r.reason, retry.MaxDelay)
+		// The longest declared delay: MaxDelay rounded to the
+		// millisecond, as its retry queue was named.
+		err = a.retry(ctx, pub, d, attempt, r.reason, retry.DelayFor(math.MaxInt))
 	default:
 		err = a.retry(ctx, pub, d, attempt, r.reason, retry.DelayFor(attempt))
 	}

@@ -1,0 +1,454 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+	"unicode/utf8"
+
+	"github.com/luraproject/lura/v2/logging"
+	"github.com/luraproject/lura/v2/transport/http/client"
+	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/krakend-contrib/async-amqp/config"
+	"github.com/krakend-contrib/async-amqp/consumer"
+)
+
+func TestStatusOf(t *testing.T) {
+	invalid := client.NewErrInvalidStatusCode(&http.Response{StatusCode: 422}, "x")
+	for _, tc := range []struct {
+		name string
+		err  error
+		want int
+	}{
+		{"Lura's *ErrInvalidStatus", invalid, 422},
+		{"a wrapped *ErrInvalidStatus", fmt.Errorf("backend: %w", invalid), 422},
+		{"joined with another error", errors.Join(errors.New("other"), invalid), 422},
+		{"*ErrInvalidStatus with a request path", client.NewErrInvalidStatusCode(
+			&http.Response{StatusCode: 503, Request: &http.Request{Method: "POST"}}, "[POST /x]:"), 503},
+		{"HTTPResponseError (return_error_code)", client.HTTPResponseError{Code: 400, Msg: "bad"}, 400},
+		{"NamedHTTPResponseError (return_error_details)", client.NamedHTTPResponseError{HTTPResponseError: client.HTTPResponseError{Code: 409}}, 409},
+		{"a wrapped HTTPResponseError", fmt.Errorf("x: %w", client.HTTPResponseError{Code: 451}), 451},
+		{"any error with StatusCode()", codeErr(418), 418},
+		{"plain error", errors.New("connection refused"), 0},
+		{"text that looks like a status", errors.New("invalid status code 500"), 0},
+		{"Lura's bare ErrInvalidStatusCode", client.ErrInvalidStatusCode, 0},
+		{"deadline", context.DeadlineExceeded, 0},
+		{"nil", nil, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := statusOf(tc.err); got != tc.want {
+				t.Errorf("statusOf(%v) = %d, want %d", tc.err, got, tc.want)
+			}
+		})
+	}
+}
+
+type codeErr int
+
+func (c codeErr) Error() string   { return fmt.Sprintf("status %d", int(c)) }
+func (c codeErr) StatusCode() int { return int(c) }
+
+func TestFailedAttempts(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		headers amqp.Table
+		want    int
+	}{
+		{"int64 (as the driver publishes it)", amqp.Table{HeaderAttempts: int64(3)}, 3},
+		{"int32", amqp.Table{HeaderAttempts: int32(4)}, 4},
+		{"int", amqp.Table{HeaderAttempts: 5}, 5},
+		{"missing", amqp.Table{"other": int64(9)}, 0},
+		{"nil table", nil, 0},
+		{"a string", amqp.Table{HeaderAttempts: "7"}, 0},
+		{"garbage bytes", amqp.Table{HeaderAttempts: []byte{0xff, 0x00}}, 0},
+		{"a float", amqp.Table{HeaderAttempts: 2.5}, 0},
+		{"a table", amqp.Table{HeaderAttempts: amqp.Table{"n": int64(1)}}, 0},
+		{"null", amqp.Table{HeaderAttempts: nil}, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := failedAttempts(tc.headers); got != tc.want {
+				t.Errorf("failedAttempts(%v) = %d, want %d", tc.headers, got, tc.want)
+			}
+		})
+	}
+}
+
+// fullDelivery sets every property amqp091 carries.
+func fullDelivery() *amqp.Delivery {
+	return &amqp.Delivery{
+		Headers:         amqp.Table{"tenant": "acme", "n": int32(7), consumer.PublishIDHeader: "old-publish-id"},
+		ContentType:     "application/json",
+		ContentEncoding: "gzip",
+		DeliveryMode:    amqp.Persistent,
+		Priority:        5,
+		CorrelationId:   "corr-1",
+		ReplyTo:         "replies",
+		Expiration:      "60000",
+		MessageId:       "msg-1",
+		Timestamp:       time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC),
+		Type:            "order.created",
+		UserId:          "guest",
+		AppId:           "shop",
+		Exchange:        "orders",
+		RoutingKey:      "orders.created",
+		Body:            []byte("\x00\x01body\xff"),
+	}
+}
+
+func TestCopyOf(t *testing.T) {
+	a := New(Options{Name: "copier", Session: consumer.Settings{Topology: consumer.Topology{Queue: "q"}}, Logger: logging.NoOp})
+	d := fullDelivery()
+	c := a.copyOf(d, 1, "backend answered status 500")
+
+	want := amqp.Publishing{
+		ContentType: d.ContentType, ContentEncoding: d.ContentEncoding, DeliveryMode: d.DeliveryMode,
+		Priority: d.Priority, CorrelationId: d.CorrelationId, ReplyTo: d.ReplyTo, Expiration: d.Expiration,
+		MessageId: d.MessageId, Timestamp: d.Timestamp, Type: d.Type, UserId: d.UserId, AppId: d.AppId,
+	}
+	got := c
+	got.Headers, got.Body = nil, nil
+	if fmt.Sprintf("%+v", got) != fmt.Sprintf("%+v", want) {
+		t.Errorf("properties:\n got %+v\nwant %+v", got, want)
+	}
+	if string(c.Body) != string(d.Body) {
+		t.Errorf("body %q, want %q", c.Body, d.Body)
+	}
+	wantHeaders := map[string]interface{}{
+		"tenant":                 "acme",
+		"n":                      int32(7),
+		HeaderAttempts:           int64(1),
+		HeaderLastError:          "backend answered status 500",
+		HeaderOriginalRoutingKey: "orders.created",
+		HeaderOriginalExchange:   "orders",
+	}
+	for k, v := range wantHeaders {
+		if c.Headers[k] != v {
+			t.Errorf("header %s = %#v, want %#v", k, c.Headers[k], v)
+		}
+	}
+	if _, ok := c.Headers[consumer.PublishIDHeader]; ok {
+		t.Errorf("the copy keeps %s from the delivery", consumer.PublishIDHeader)
+	}
+	if len(c.Headers) != len(wantHeaders) {
+		t.Errorf("headers %v, want exactly %v", c.Headers, wantHeaders)
+	}
+	if d.Headers[consumer.PublishIDHeader] != "old-publish-id" || len(d.Headers) != 3 {
+		t.Errorf("copyOf changed the delivery's headers: %v", d.Headers)
+	}
+	if err := c.Headers.Validate(); err != nil {
+		t.Errorf("the copy's headers cannot be published: %v", err)
+	}
+
+	t.Run("repeated copies keep the first origin and count up", func(t *testing.T) {
+		first := a.copyOf(fullDelivery(), 1, "first")
+		// The copy comes back from its retry queue through the default
+		// exchange, routed by the work queue's name.
+		again := &amqp.Delivery{Headers: first.Headers, Exchange: "", RoutingKey: "q", Body: first.Body, MessageId: first.MessageId}
+		second := a.copyOf(again, 2, "second")
+		back := &amqp.Delivery{Headers: second.Headers, Exchange: "", RoutingKey: "q.other", Body: second.Body}
+		third := a.copyOf(back, 3, "third")
+		for i, c := range []amqp.Publishing{second, third} {
+			if c.Headers[HeaderOriginalRoutingKey] != "orders.created" || c.Headers[HeaderOriginalExchange] != "orders" {
+				t.Errorf("copy %d: origin %v/%v, want orders/orders.created", i+2,
+					c.Headers[HeaderOriginalExchange], c.Headers[HeaderOriginalRoutingKey])
+			}
+		}
+		if third.Headers[HeaderAttempts] != int64(3) || third.Headers[HeaderLastError] != "third" {
+			t.Errorf("third copy: attempts %v, last error %v", third.Headers[HeaderAttempts], third.Headers[HeaderLastError])
+		}
+		if n := failedAttempts(third.Headers); n != 3 {
+			t.Errorf("failedAttempts of the third copy = %d, want 3", n)
+		}
+	})
+
+	t.Run("a delivery with no headers", func(t *testing.T) {
+		c := a.copyOf(&amqp.Delivery{RoutingKey: "k", Exchange: "x"}, 1, "r")
+		if c.Headers[HeaderOriginalRoutingKey] != "k" || c.Headers[HeaderAttempts] != int64(1) {
+			t.Errorf("headers %v", c.Headers)
+		}
+	})
+
+	t.Run("a long reason is truncated to valid UTF-8", func(t *testing.T) {
+		reason := strings.Repeat("é", 2000)
+		c := a.copyOf(&amqp.Delivery{}, 1, reason)
+		got, _ := c.Headers[HeaderLastError].(string)
+		if len(got) > 1024 || len(got) < 1000 || !utf8.ValidString(got) {
+			t.Errorf("last error: %d bytes, valid UTF-8 %t", len(got), utf8.ValidString(got))
+		}
+	})
+}
+
+func TestTruncate(t *testing.T) {
+	for _, tc := range []struct {
+		s    string
+		n    int
+		want string
+	}{
+		{"short", 10, "short"},
+		{"exact", 5, "exact"},
+		{"abcdef", 3, "abc"},
+		{"ééé", 3, "é"}, // the second é is split after its first byte
+		{"ééé", 4, "éé"},
+		{"a€b", 2, "a"}, // € is 3 bytes
+		{"a€b", 3, "a"},
+		{"a€b", 4, "a€"},
+		{"😀😀", 5, "😀"}, // 4-byte rune
+		{"😀😀", 7, "😀"},
+		{"", 0, ""},
+		{"x", 0, ""},
+	} {
+		got := truncate(tc.s, tc.n)
+		if got != tc.want || !utf8.ValidString(got) || len(got) > tc.n {
+			t.Errorf("truncate(%q, %d) = %q, want %q", tc.s, tc.n, got, tc.want)
+		}
+	}
+	// Every cut of a string of mixed widths.
+	s := strings.Repeat("aé€😀", 20)
+	for n := 0; n <= len(s); n++ {
+		got := truncate(s, n)
+		if !utf8.ValidString(got) || len(got) > n || !strings.HasPrefix(s, got) || n-len(got) > 3 {
+			t.Fatalf("truncate(s, %d) = %q (%d bytes): not the longest valid prefix", n, got, len(got))
+		}
+	}
+}
+
+// copyRecorder is a publisher that records every copy.
+type copyRecorder struct {
+	mu     sync.Mutex
+	copies []published
+	err    error
+}
+
+type published struct {
+	exchange, key string
+	msg           amqp.Publishing
+}
+
+func (c *copyRecorder) Publish(_ context.Context, exchange, key string, msg amqp.Publishing) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.copies = append(c.copies, published{exchange, key, msg})
+	return c.err
+}
+
+func failAgent(retry config.Retry, dead config.DeadLetter) *Agent {
+	return New(Options{
+		Name:       "failer",
+		Session:    consumer.Settings{Topology: consumer.Topology{Queue: "work"}},
+		Workers:    1,
+		Timeout:    time.Second,
+		Retry:      retry,
+		DeadLetter: dead,
+		Logger:     logging.NoOp,
+	})
+}
+
+// redeliver turns a copy into the delivery the agent gets back from the
+// retry queue.
+func redeliver(acker amqp.Acknowledger, p published, tag uint64) *amqp.Delivery {
+	return &amqp.Delivery{
+		Acknowledger: acker, DeliveryTag: tag, Headers: p.msg.Headers, Body: p.msg.Body,
+		MessageId: p.msg.MessageId, Exchange: "", RoutingKey: p.key,
+	}
+}
+
+func TestAgentFail(t *testing.T) {
+	retry := config.Retry{MaxAttempts: 6, Delay: time.Second, MaxDelay: 4 * time.Second, Multiplier: 2}
+	failure := result{reason: "backend answered status 500", status: 500}
+
+	t.Run("retries with growing delays, then dead-letters at the bound", func(t *testing.T) {
+		a := failAgent(retry, config.DeadLetter{Queue: "dead"})
+		pub, acker := &copyRecorder{}, &fakeAcker{}
+		d := &amqp.Delivery{Acknowledger: acker, DeliveryTag: 1, RoutingKey: "orders.created", Exchange: "orders", MessageId: "m", Body: []byte("b")}
+		for tag := uint64(1); tag <= 6; tag++ {
+			a.fail(context.Background(), pub, d, failure)
+			d = redeliver(acker, pub.copies[len(pub.copies)-1], tag+1)
+		}
+		want := []string{"/work.retry.1s", "/work.retry.2s", "/work.retry.4s", "/work.retry.4s", "/work.retry.4s", "/dead"}
+		if got := routes(pub.copies); strings.Join(got, " ") != strings.Join(want, " ") {
+			t.Errorf("copies went to %v, want %v", got, want)
+		}
+		for i, c := range pub.copies {
+			if n := c.msg.Headers[HeaderAttempts]; n != int64(i+1) {
+				t.Errorf("copy %d: %s = %v, want %d", i+1, HeaderAttempts, n, i+1)
+			}
+			if c.msg.Headers[HeaderOriginalRoutingKey] != "orders.created" {
+				t.Errorf("copy %d: original routing key %v", i+1, c.msg.Headers[HeaderOriginalRoutingKey])
+			}
+		}
+		last := pub.copies[len(pub.copies)-1].msg
+		if last.Headers[HeaderAgent] != "failer" || !strings.Contains(last.Headers[HeaderLastError].(string), "500") {
+			t.Errorf("dead letter headers: %v", last.Headers)
+		}
+		if _, ok := pub.copies[0].msg.Headers[HeaderAgent]; ok {
+			t.Error("a retry copy carries the dead-letter agent header")
+		}
+		wantSettled(t, acker, 6, ack)
+	})
+
+	t.Run("a status in statuses dead-letters at once", func(t *testing.T) {
+		a := failAgent(retry, config.DeadLetter{Queue: "dead", Statuses: []int{400, 422}})
+		pub, acker := &copyRecorder{}, &fakeAcker{}
+		a.fail(context.Background(), pub, &amqp.Delivery{Acknowledger: acker, DeliveryTag: 1, RoutingKey: "k"},
+			result{reason: "invalid status code 422", status: 422})
+		if got := routes(pub.copies); len(got) != 1 || got[0] != "/dead" {
+			t.Fatalf("copies %v, want one to /dead", got)
+		}
+		if n := pub.copies[0].msg.Headers[HeaderAttempts]; n != int64(1) {
+			t.Errorf("%s = %v, want 1", HeaderAttempts, n)
+		}
+		wantSettled(t, acker, 1, ack)
+	})
+
+	t.Run("a status not in statuses is retried", func(t *testing.T) {
+		a := failAgent(retry, config.DeadLetter{Queue: "dead", Statuses: []int{422}})
+		pub, acker := &copyRecorder{}, &fakeAcker{}
+		a.fail(context.Background(), pub, &amqp.Delivery{Acknowledger: acker, DeliveryTag: 1}, failure)
+		a.fail(context.Background(), pub, &amqp.Delivery{Acknowledger: acker, DeliveryTag: 2}, result{reason: "timeout"})
+		if got := routes(pub.copies); strings.Join(got, " ") != "/work.retry.1s /work.retry.1s" {
+			t.Errorf("copies %v, want two to the first retry queue", got)
+		}
+		wantSettled(t, acker, 2, ack)
+	})
+
+	t.Run("a dead-letter exchange gets the original routing key, or the configured one", func(t *testing.T) {
+		for _, tc := range []struct {
+			key, want string
+		}{{"", "dlx/orders.created"}, {"failed", "dlx/failed"}} {
+			a := failAgent(config.Retry{MaxAttempts: 1, Delay: time.Second, MaxDelay: time.Second, Multiplier: 2},
+				config.DeadLetter{Exchange: "dlx", RoutingKey: tc.key})
+			pub, acker := &copyRecorder{}, &fakeAcker{}
+			// A message that has been through a retry queue already.
+			d := &amqp.Delivery{Acknowledger: acker, DeliveryTag: 1, RoutingKey: "work", Headers: amqp.Table{
+				HeaderOriginalRoutingKey: "orders.created", HeaderOriginalExchange: "orders"}}
+			a.fail(context.Background(), pub, d, failure)
+			if got := routes(pub.copies); len(got) != 1 || got[0] != tc.want {
+				t.Errorf("routing_key %q: copies %v, want [%s]", tc.key, got, tc.want)
+			}
+			wantSettled(t, acker, 1, ack)
+		}
+	})
+
+	t.Run("broker: nack without requeue at the bound, nothing published", func(t *testing.T) {
+		a := failAgent(config.Retry{MaxAttempts: 2, Delay: time.Second, MaxDelay: time.Second, Multiplier: 2},
+			config.DeadLetter{Broker: true, Statuses: []int{422}})
+		pub, acker := &copyRecorder{}, &fakeAcker{}
+		a.fail(context.Background(), pub, &amqp.Delivery{Acknowledger: acker, DeliveryTag: 1,
+			Headers: amqp.Table{HeaderAttempts: int64(1)}}, failure)
+		a.fail(context.Background(), pub, &amqp.Delivery{Acknowledger: acker, DeliveryTag: 2},
+			result{reason: "422", status: 422})
+		if len(pub.copies) != 0 {
+			t.Errorf("published %v, want nothing", routes(pub.copies))
+		}
+		wantSettled(t, acker, 2, nackDiscard)
+	})
+
+	t.Run("broker: retried through the retry queues before the bound", func(t *testing.T) {
+		a := failAgent(config.Retry{MaxAttempts: 2, Delay: time.Second, MaxDelay: time.Second, Multiplier: 2},
+			config.DeadLetter{Broker: true})
+		pub, acker := &copyRecorder{}, &fakeAcker{}
+		a.fail(context.Background(), pub, &amqp.Delivery{Acknowledger: acker, DeliveryTag: 1}, failure)
+		if got := routes(pub.copies); len(got) != 1 || got[0] != "/work.retry.1s" {
+			t.Errorf("copies %v, want [/work.retry.1s]", got)
+		}
+		wantSettled(t, acker, 1, ack)
+	})
+
+	t.Run("no dead letter: kept and retried at the longest delay, counted", func(t *testing.T) {
+		a := failAgent(config.Retry{MaxAttempts: 2, Delay: 50 * time.Millisecond, MaxDelay: 300 * time.Millisecond, Multiplier: 2},
+			config.DeadLetter{})
+		pub, acker := &copyRecorder{}, &fakeAcker{}
+		for n := int64(0); n < 4; n++ {
+			a.fail(context.Background(), pub, &amqp.Delivery{Acknowledger: acker, DeliveryTag: uint64(n + 1),
+				Headers: amqp.Table{HeaderAttempts: n}}, failure)
+		}
+		want := "/work.retry.50ms /work.retry.300ms /work.retry.300ms /work.retry.300ms"
+		if got := routes(pub.copies); strings.Join(got, " ") != want {
+			t.Errorf("copies %v, want %s", got, want)
+		}
+		if n := a.stats.exhausted.Load(); n != 3 {
+			t.Errorf("exhausted = %d, want 3", n)
+		}
+		wantSettled(t, acker, 4, ack)
+	})
+
+	t.Run("no dead letter, a max_delay off the millisecond: the retry queue is one that was declared", func(t *testing.T) {
+		r := config.Retry{MaxAttempts: 1, Delay: time.Millisecond, MaxDelay: 2500*time.Millisecond + 600*time.Microsecond, Multiplier: 2}
+		a := failAgent(r, config.DeadLetter{})
+		declared := map[string]bool{}
+		for _, d := range a.opts.Session.RetryDelays {
+			declared["/"+consumer.RetryQueue("work", d)] = true
+		}
+		pub, acker := &copyRecorder{}, &fakeAcker{}
+		a.fail(context.Background(), pub, &amqp.Delivery{Acknowledger: acker, DeliveryTag: 1}, failure)
+		if got := routes(pub.copies); len(got) != 1 || !declared[got[0]] {
+			t.Errorf("copy went to %v, which is not among the declared retry queues %v", got, declared)
+		}
+	})
+
+	t.Run("a copy that fails is nacked with requeue after a pause, never acked", func(t *testing.T) {
+		delay := 30 * time.Millisecond
+		for _, dead := range []config.DeadLetter{{}, {Queue: "dead"}, {Exchange: "dlx"}} {
+			a := failAgent(config.Retry{MaxAttempts: 1, Delay: delay, MaxDelay: delay, Multiplier: 2}, dead)
+			pub, acker := &copyRecorder{err: consumer.ErrUnroutable}, &fakeAcker{}
+			start := time.Now()
+			a.fail(context.Background(), pub, &amqp.Delivery{Acknowledger: acker, DeliveryTag: 1}, failure)
+			if took := time.Since(start); took < delay {
+				t.Errorf("dead letter %+v: requeued after %s, want a pause of at least %s", dead, took, delay)
+			}
+			if len(pub.copies) != 1 {
+				t.Errorf("dead letter %+v: %d publishes, want 1", dead, len(pub.copies))
+			}
+			wantSettled(t, acker, 1, nackRequeue)
+			if n := a.stats.copyFailed.Load(); n != 1 {
+				t.Errorf("copyFailed = %d, want 1", n)
+			}
+			if e, _ := a.stats.lastCopyError.Load().(string); !strings.Contains(e, "route") {
+				t.Errorf("last copy error %q does not give the reason", e)
+			}
+			if n := a.stats.deadLettered.Load(); n != 0 {
+				t.Errorf("deadLettered = %d although the copy failed", n)
+			}
+		}
+	})
+
+	t.Run("a failed copy during shutdown is requeued at once", func(t *testing.T) {
+		a := failAgent(config.Retry{MaxAttempts: 3, Delay: time.Hour, MaxDelay: time.Hour, Multiplier: 2}, config.DeadLetter{})
+		pub, acker := &copyRecorder{err: errors.New("channel closed")}, &fakeAcker{}
+		ctx, cancel := context.WithCancel(context.Background())
+		cancel()
+		a.fail(ctx, pub, &amqp.Delivery{Acknowledger: acker, DeliveryTag: 1}, failure)
+		wantSettled(t, acker, 1, nackRequeue)
+	})
+}
+
+func routes(copies []published) []string {
+	out := make([]string, len(copies))
+	for i, c := range copies {
+		out[i] = c.exchange + "/" + c.key
+	}
+	return out
+}
+
+// wantSettled checks that each of n deliveries (tags 1..n) was settled
+// exactly once, as want.
+func wantSettled(t *testing.T, acker *fakeAcker, n int, want settleCall) {
+	t.Helper()
+	by := acker.byTag()
+	for tag := uint64(1); tag <= uint64(n); tag++ {
+		w := want
+		w.tag = tag
+		if calls := by[tag]; len(calls) != 1 || calls[0] != w {
+			t.Errorf("delivery %d: settled %v, want exactly [%v]", tag, calls, w)
+		}
+	}
+	if got := acker.count(); got != n {
+		t.Errorf("%d settle calls, want %d", got, n)
+	}
+}
