@@ -17,6 +17,7 @@ import (
 	"github.com/luraproject/lura/v2/logging"
 	"github.com/luraproject/lura/v2/proxy"
 	amqp "github.com/rabbitmq/amqp091-go"
+	"go.opentelemetry.io/otel/metric"
 	"golang.org/x/time/rate"
 
 	"github.com/krakend-contrib/async-amqp/config"
@@ -59,11 +60,14 @@ type Options struct {
 	// ShutdownTimeout bounds in-flight dispatches at shutdown; 0 means
 	// Timeout.
 	ShutdownTimeout time.Duration
-	Proxy           proxy.Proxy
-	Ping            chan<- string
-	ShouldContinue  func(int) bool
-	Backoff         func(int) time.Duration
-	Logger          logging.Logger
+	// Meter records the agent's metrics; nil means OpenTelemetry's
+	// global meter provider.
+	Meter          metric.Meter
+	Proxy          proxy.Proxy
+	Ping           chan<- string
+	ShouldContinue func(int) bool
+	Backoff        func(int) time.Duration
+	Logger         logging.Logger
 }
 
 // Agent is one running async agent.
@@ -72,6 +76,7 @@ type Agent struct {
 	log     logger
 	limiter *rate.Limiter
 	stats   stats
+	metrics *metrics
 }
 
 // stats counts, between two reports, what the log summarises.
@@ -126,6 +131,7 @@ func New(opts Options) *Agent {
 	if a.opts.MaxRate > 0 {
 		a.limiter = rate.NewLimiter(rate.Limit(a.opts.MaxRate), 1)
 	}
+	a.metrics = newMetrics(a.opts.Meter, a.opts.Name, a.opts.Session.Queue)
 	if a.opts.Session.NoLocal {
 		a.log.Warning("no_local is passed to the broker, but RabbitMQ ignores it")
 	}
@@ -143,10 +149,13 @@ func (a *Agent) ownsRetries() bool {
 // connection retries are exhausted (ErrGaveUp). A lost session is
 // reopened with the agent's backoff.
 func (a *Agent) Run(ctx context.Context) error {
-	retries := 0
+	retries, sessions := 0, 0
 	for {
 		sess, err := consumer.Open(ctx, a.opts.Session)
 		if err == nil {
+			if sessions++; sessions > 1 {
+				a.metrics.onReconnect()
+			}
 			started := time.Now()
 			err = a.serve(ctx, sess)
 			if time.Since(started) >= stableSession {
@@ -191,6 +200,8 @@ func (a *Agent) serve(ctx context.Context, sess *consumer.Session) error {
 	a.log.Info(fmt.Sprintf("consuming queue %q bound to exchange %q with %q as %s (workers %d, prefetch %d)",
 		s.Queue, s.Exchange, strings.Join(s.RoutingKeys, `", "`), sess.Tag(), a.opts.Workers, s.PrefetchCount))
 	a.ping()
+	a.metrics.onConnected(true)
+	defer a.metrics.onConnected(false)
 
 	var wg sync.WaitGroup
 	for range a.opts.Workers {
@@ -253,6 +264,7 @@ func (a *Agent) drain(sess *consumer.Session, done <-chan struct{}) {
 // except with auto_ack, where the broker has already forgotten them.
 func (a *Agent) work(ctx context.Context, sess session) {
 	for d := range sess.Deliveries() {
+		a.metrics.onReceived()
 		if !a.opts.Session.AutoAck && (ctx.Err() != nil || a.wait(ctx) != nil) {
 			a.settle(&d, result{reason: "agent stopping"}, false)
 			continue
@@ -263,6 +275,7 @@ func (a *Agent) work(ctx context.Context, sess session) {
 		r := a.dispatch(ctx, &d)
 		switch {
 		case a.opts.Session.AutoAck:
+			a.metrics.onSettled(OutcomeAutoAcked)
 		case r.ok || !a.ownsRetries():
 			a.settle(&d, r, a.opts.NackDiscard)
 		default:
@@ -301,16 +314,35 @@ func (a *Agent) dispatch(ctx context.Context, d *amqp.Delivery) (r result) {
 			a.log.Debug("dispatch failed:", r.reason)
 		}
 	}()
+	done := a.metrics.onDispatch()
+	defer func() { done(r.ok) }()
 	resp, err := a.opts.Proxy(dctx, newRequest(d))
 	discardBody(resp)
 	return judge(resp, err)
 }
 
 func (a *Agent) settle(d Acknowledger, r result, discard bool) {
+	outcome := OutcomeAcked
+	switch {
+	case r.ok:
+	case discard:
+		outcome = OutcomeDiscarded
+	default:
+		outcome = OutcomeRequeued
+	}
+	a.settleAs(d, r, discard, outcome)
+}
+
+// settleAs acks or nacks and counts the message's outcome, or counts it
+// unsettled when the channel refused: the broker then redelivers it.
+func (a *Agent) settleAs(d Acknowledger, r result, discard bool, outcome string) {
 	if err := settle(d, r, discard); err != nil {
 		a.stats.unsettled.Add(1)
+		a.metrics.onSettled(OutcomeUnsettled)
 		a.log.Debug("ack/nack refused, the broker will redeliver:", err)
+		return
 	}
+	a.metrics.onSettled(outcome)
 }
 
 // report logs, at most once per health interval, how many dispatches

@@ -47,12 +47,15 @@ func (a *Agent) fail(ctx context.Context, pub publisher, d *amqp.Delivery, r res
 	dead := a.opts.DeadLetter
 	giveUp := attempt >= retry.MaxAttempts || r.status != 0 && contains(dead.Statuses, r.status)
 	var err error
+	outcome := OutcomeRetried
 	switch {
 	case giveUp && dead.Broker:
 		a.stats.deadLettered.Add(1)
-		a.settle(d, result{reason: r.reason}, true)
+		a.stats.lastDeadLetter.Store(r.reason)
+		a.settleAs(d, result{reason: r.reason}, true, OutcomeDeadLettered)
 		return
 	case giveUp && dead.Enabled():
+		outcome = OutcomeDeadLettered
 		err = a.deadLetter(ctx, pub, d, attempt, r.reason)
 	case giveUp:
 		a.stats.exhausted.Add(1)
@@ -69,7 +72,7 @@ func (a *Agent) fail(ctx context.Context, pub publisher, d *amqp.Delivery, r res
 		a.settle(d, result{reason: r.reason}, false)
 		return
 	}
-	a.settle(d, result{ok: true}, false)
+	a.settleAs(d, result{ok: true}, false, outcome)
 }
 
 func (a *Agent) retry(ctx context.Context, pub publisher, d *amqp.Delivery, attempt int, reason string, delay time.Duration) error {

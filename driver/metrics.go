@@ -1,0 +1,108 @@
+package driver
+
+import (
+	"context"
+	"sync/atomic"
+	"time"
+
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/metric"
+)
+
+// Scope is the OpenTelemetry instrumentation scope of the driver.
+const Scope = "github.com/krakend-contrib/async-amqp"
+
+// Outcomes of a received message, the values of the outcome attribute of
+// krakend.amqp.messages.settled. Each received message ends in exactly
+// one of them.
+const (
+	OutcomeAcked        = "acked"
+	OutcomeRequeued     = "requeued"
+	OutcomeRetried      = "retried"
+	OutcomeDeadLettered = "dead_lettered"
+	OutcomeDiscarded    = "discarded"
+	OutcomeAutoAcked    = "auto_acked"
+	// OutcomeUnsettled: the ack or nack was refused (closed channel);
+	// the broker redelivers the message.
+	OutcomeUnsettled = "unsettled"
+)
+
+// metrics are the agent's instruments. Names follow the OpenTelemetry
+// messaging conventions where they exist (received messages, process
+// duration); the rest carry the krakend.amqp prefix.
+type metrics struct {
+	attrs     metric.MeasurementOption
+	received  metric.Int64Counter
+	settled   metric.Int64Counter
+	duration  metric.Float64Histogram
+	inFlight  metric.Int64UpDownCounter
+	reconnect metric.Int64Counter
+	connected atomic.Int64
+}
+
+func newMetrics(meter metric.Meter, agent, queue string) *metrics {
+	if meter == nil {
+		meter = otel.GetMeterProvider().Meter(Scope)
+	}
+	m := &metrics{attrs: metric.WithAttributeSet(attribute.NewSet(
+		attribute.String("messaging.system", "rabbitmq"),
+		attribute.String("messaging.destination.name", queue),
+		attribute.String("krakend.async_agent", agent),
+	))}
+	// Instrument creation only fails on invalid names; a failed one is a
+	// no-op instrument, never a reason to stop consuming.
+	m.received, _ = meter.Int64Counter("messaging.client.consumed.messages",
+		metric.WithDescription("Messages delivered to the agent by the broker."), metric.WithUnit("{message}"))
+	m.settled, _ = meter.Int64Counter("krakend.amqp.messages.settled",
+		metric.WithDescription("Received messages by outcome: acked, requeued, retried, dead_lettered, discarded, auto_acked, unsettled."),
+		metric.WithUnit("{message}"))
+	m.duration, _ = meter.Float64Histogram("messaging.process.duration",
+		metric.WithDescription("Duration of one dispatch through the backend pipeline."), metric.WithUnit("s"),
+		metric.WithExplicitBucketBoundaries(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+	m.inFlight, _ = meter.Int64UpDownCounter("krakend.amqp.dispatches.in_flight",
+		metric.WithDescription("Dispatches running now."), metric.WithUnit("{dispatch}"))
+	m.reconnect, _ = meter.Int64Counter("krakend.amqp.reconnects",
+		metric.WithDescription("Sessions opened again after a lost or failed one."), metric.WithUnit("{reconnect}"))
+	gauge, _ := meter.Int64ObservableGauge("krakend.amqp.connection.state",
+		metric.WithDescription("1 while the agent is connected and consuming, else 0."))
+	if gauge != nil {
+		_, _ = meter.RegisterCallback(func(_ context.Context, o metric.Observer) error {
+			o.ObserveInt64(gauge, m.connected.Load(), m.attrs)
+			return nil
+		}, gauge)
+	}
+	return m
+}
+
+func (m *metrics) onReceived() { m.received.Add(context.Background(), 1, m.attrs) }
+
+func (m *metrics) onSettled(outcome string) {
+	m.settled.Add(context.Background(), 1, m.attrs, metric.WithAttributes(attribute.String("outcome", outcome)))
+}
+
+// onDispatch counts a dispatch in flight and returns the function that
+// records its end.
+func (m *metrics) onDispatch() func(ok bool) {
+	ctx := context.Background()
+	m.inFlight.Add(ctx, 1, m.attrs)
+	start := time.Now()
+	return func(ok bool) {
+		m.inFlight.Add(ctx, -1, m.attrs)
+		result := "success"
+		if !ok {
+			result = "failure"
+		}
+		m.duration.Record(ctx, time.Since(start).Seconds(), m.attrs, metric.WithAttributes(attribute.String("outcome", result)))
+	}
+}
+
+func (m *metrics) onConnected(up bool) {
+	if up {
+		m.connected.Store(1)
+		return
+	}
+	m.connected.Store(0)
+}
+
+func (m *metrics) onReconnect() { m.reconnect.Add(context.Background(), 1, m.attrs) }
