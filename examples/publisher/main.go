@@ -12,6 +12,19 @@
 // unroutable.
 //
 //	go run ./examples/publisher -n 1000 -exchange events -key orders.created
+//
+// Three other modes publish nothing; make demo uses them:
+//
+//	publisher -ping                  # does a broker answer at -url? (exit 1 if not)
+//	publisher -inspect krakend.json  # message counts of the queues the file's agents use
+//	publisher -cleanup krakend.json  # delete those queues and the agents' exchanges
+//
+// -inspect and -cleanup read every agent with an "async/amqp" (or legacy)
+// block and connect to its "host": the queues are the agent's queue, its
+// retry queues (name.retry.1s, ...) and its dead-letter queue, when the
+// driver declares them. -cleanup is meant for throwaway copies such as the
+// demo's: it deletes only queues with no consumer and exchanges with no
+// binding left, and leaves the rest with an error.
 package main
 
 import (
@@ -46,10 +59,23 @@ type options struct {
 	size     int
 	rate     float64
 	window   int
+
+	// The modes that publish nothing.
+	ping    bool
+	inspect string // a krakend.json
+	cleanup string // a krakend.json
 }
 
 func main() {
 	opts := parseFlags()
+	switch {
+	case opts.ping:
+		exitOn(ping(os.Stdout, opts.url))
+	case opts.inspect != "":
+		exitOn(inspectQueues(os.Stdout, opts.inspect, opts.url))
+	case opts.cleanup != "":
+		exitOn(cleanupTopology(os.Stdout, opts.cleanup, opts.url))
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	summary, err := run(ctx, opts)
@@ -76,12 +102,33 @@ func parseFlags() options {
 	flag.IntVar(&o.size, "size", 0, "body size in `bytes` (at least the JSON envelope, about 120 bytes)")
 	flag.Float64Var(&o.rate, "rate", 0, "events per second, 0 = unlimited")
 	flag.IntVar(&o.window, "window", 256, "most events awaiting a broker confirm at once")
+	flag.BoolVar(&o.ping, "ping", false, "only check that a broker answers at -url, and print its version")
+	flag.StringVar(&o.inspect, "inspect", "", "only print the message counts of the queues the agents of this krakend.json `file` use")
+	flag.StringVar(&o.cleanup, "cleanup", "", "only delete the queues and exchanges the agents of this krakend.json `file` use (if unused)")
 	flag.Parse()
-	if flag.NArg() > 0 || o.n < 0 || o.size < 0 || o.rate < 0 || o.window < 1 {
+	modes := 0
+	for _, on := range []bool{o.ping, o.inspect != "", o.cleanup != ""} {
+		if on {
+			modes++
+		}
+	}
+	if flag.NArg() > 0 || o.n < 0 || o.size < 0 || o.rate < 0 || o.window < 1 || modes > 1 {
+		if modes > 1 {
+			fmt.Fprintln(os.Stderr, "publisher: -ping, -inspect and -cleanup exclude one another")
+		}
 		flag.Usage()
 		os.Exit(2)
 	}
 	return o
+}
+
+// exitOn ends a mode: status 0, or 1 after printing err.
+func exitOn(err error) {
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "publisher:", err)
+		os.Exit(1)
+	}
+	os.Exit(0)
 }
 
 // run publishes the events and returns the summary line.
