@@ -85,6 +85,9 @@ func (a *Agent) retry(ctx context.Context, pub publisher, d *amqp.Delivery, atte
 func (a *Agent) deadLetter(ctx context.Context, pub publisher, d *amqp.Delivery, attempt int, reason string) error {
 	msg := a.copyOf(d, attempt, reason)
 	msg.Headers[HeaderAgent] = a.opts.Name
+	// A dead letter is kept until someone looks at it: the message's own
+	// TTL would drop it from the dead-letter queue.
+	msg.Expiration = ""
 	exchange, key := "", a.opts.DeadLetter.Queue
 	if a.opts.DeadLetter.Exchange != "" {
 		exchange, key = a.opts.DeadLetter.Exchange, a.opts.DeadLetter.RoutingKey
