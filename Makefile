@@ -73,3 +73,16 @@ BENCH_FLAGS ?=
 ## appends them to $(BENCH_OUT). See bench/main.go. Takes several minutes.
 bench:
 	$(GO) run ./bench -out $(BENCH_OUT) $(BENCH_FLAGS)
+
+# Soak settings, e.g. make soak SOAK_MESSAGES=20000 SOAK_RATE=500.
+SOAK_MESSAGES ?= 100000
+SOAK_RATE ?= 1000
+
+.PHONY: soak
+
+## soak: not part of `make test`. SOAK_MESSAGES messages published at
+## SOAK_RATE per second, a backend failing 5% of requests, connection cuts
+## through a TCP proxy every 2-6 s; prints one line: delivered,
+## duplicates, dead-lettered, lost (must be 0), cuts, latency p50/p99.
+soak:
+	SOAK_MESSAGES=$(SOAK_MESSAGES) SOAK_RATE=$(SOAK_RATE) $(GO) test -count=1 -tags 'integration soak' -run TestSoak -timeout 60m -v .

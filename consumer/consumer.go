@@ -76,13 +76,17 @@ type Session struct {
 	tag        string
 	deliveries <-chan amqp.Delivery
 	closed     chan *amqp.Error
+	// host is the redacted URL connected to; skipped holds why the URLs
+	// tried before it failed.
+	host    string
+	skipped error
 }
 
 // Open dials, declares the topology and starts consuming. Nothing is taken
 // off the queue before Open returns the session to its caller, who must
 // drain Deliveries until it is closed.
 func Open(ctx context.Context, s Settings) (*Session, error) {
-	conn, err := dialAny(ctx, s)
+	conn, host, skipped, err := dialAny(ctx, s)
 	if err != nil {
 		return nil, err
 	}
@@ -91,17 +95,19 @@ func Open(ctx context.Context, s Settings) (*Session, error) {
 		conn.Close()
 		return nil, err
 	}
+	sess.host, sess.skipped = host, skipped
 	return sess, nil
 }
 
-// dialAny tries each URL in turn and returns the first connection, or
-// every failure.
-func dialAny(ctx context.Context, s Settings) (*amqp.Connection, error) {
+// dialAny tries each URL in turn and returns the first connection, with
+// its redacted URL and the failures of the URLs tried before it, or every
+// failure.
+func dialAny(ctx context.Context, s Settings) (*amqp.Connection, string, error, error) {
 	var errs []error
 	for _, u := range s.URLs {
 		conn, err := dial(ctx, u, s)
 		if err == nil {
-			return conn, nil
+			return conn, config.Redacted(u), errors.Join(errs...), nil
 		}
 		errs = append(errs, fmt.Errorf("connect to %s: %w", config.Redacted(u), err))
 		if ctx.Err() != nil {
@@ -109,9 +115,9 @@ func dialAny(ctx context.Context, s Settings) (*amqp.Connection, error) {
 		}
 	}
 	if len(errs) == 0 {
-		return nil, errors.New("no broker URL to connect to")
+		return nil, "", nil, errors.New("no broker URL to connect to")
 	}
-	return nil, errors.Join(errs...)
+	return nil, "", nil, errors.Join(errs...)
 }
 
 func dial(ctx context.Context, url string, s Settings) (*amqp.Connection, error) {
@@ -333,6 +339,14 @@ func (s *Session) Publish(ctx context.Context, exchange, key string, msg amqp.Pu
 	}
 	return nil
 }
+
+// Host is the URL of the broker this session is connected to, with its
+// password redacted.
+func (s *Session) Host() string { return s.host }
+
+// Skipped returns why the URLs tried before Host failed (joined), or nil
+// when the first one answered. The URLs in it are redacted.
+func (s *Session) Skipped() error { return s.skipped }
 
 // Tag is the consumer tag, as listed by rabbitmqctl list_consumers.
 func (s *Session) Tag() string { return s.tag }

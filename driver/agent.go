@@ -77,6 +77,8 @@ type Agent struct {
 	limiter *rate.Limiter
 	stats   stats
 	metrics *metrics
+	// received counts deliveries over the agent's life.
+	received atomic.Int64
 }
 
 // stats counts, between two reports, what the log summarises.
@@ -156,9 +158,12 @@ func (a *Agent) Run(ctx context.Context) error {
 			if sessions++; sessions > 1 {
 				a.metrics.onReconnect()
 			}
-			started := time.Now()
+			started, before := time.Now(), a.received.Load()
 			err = a.serve(ctx, sess)
-			if time.Since(started) >= stableSession {
+			// A session that worked is no failed attempt: only sessions
+			// that die at once, with nothing consumed, add up to
+			// max_retries.
+			if time.Since(started) >= stableSession || a.received.Load() > before {
 				retries = 0
 			}
 		}
@@ -197,6 +202,10 @@ func (a *Agent) backoff(retries int) (wait time.Duration) {
 // cancelled, and returns why the session ended.
 func (a *Agent) serve(ctx context.Context, sess *consumer.Session) error {
 	s := a.opts.Session
+	if skipped := sess.Skipped(); skipped != nil {
+		a.log.Warning(fmt.Sprintf("connected to %s after failing to reach the hosts before it: %s",
+			sess.Host(), strings.ReplaceAll(skipped.Error(), "\n", "; ")))
+	}
 	a.log.Info(fmt.Sprintf("consuming queue %q bound to exchange %q with %q as %s (workers %d, prefetch %d)",
 		s.Queue, s.Exchange, strings.Join(s.RoutingKeys, `", "`), sess.Tag(), a.opts.Workers, s.PrefetchCount))
 	a.ping()
@@ -265,6 +274,7 @@ func (a *Agent) drain(sess *consumer.Session, done <-chan struct{}) {
 func (a *Agent) work(ctx context.Context, sess session) {
 	for d := range sess.Deliveries() {
 		a.metrics.onReceived()
+		a.received.Add(1)
 		if !a.opts.Session.AutoAck && (ctx.Err() != nil || a.wait(ctx) != nil) {
 			a.settle(&d, result{reason: "agent stopping"}, false)
 			continue
