@@ -9,6 +9,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -206,24 +207,20 @@ func (a *Agent) serve(ctx context.Context, sess *consumer.Session) error {
 		a.log.Warning(fmt.Sprintf("connected to %s after failing to reach the hosts before it: %s",
 			sess.Host(), strings.ReplaceAll(skipped.Error(), "\n", "; ")))
 	}
-	a.log.Info(fmt.Sprintf("consuming queue %q bound to exchange %q with %q as %s (workers %d, prefetch %d)",
-		s.Queue, s.Exchange, strings.Join(s.RoutingKeys, `", "`), sess.Tag(), a.opts.Workers, s.PrefetchCount))
+	keys := make([]string, len(s.RoutingKeys))
+	for i, k := range s.RoutingKeys {
+		keys[i] = strconv.Quote(k)
+	}
+	a.log.Info(fmt.Sprintf("consuming queue %q bound to exchange %q with %s as %s (workers %d, prefetch %d)",
+		s.Queue, s.Exchange, strings.Join(keys, ", "), sess.Tag(), a.opts.Workers, s.PrefetchCount))
 	a.ping()
 	a.metrics.onConnected(true)
 	defer a.metrics.onConnected(false)
 
-	var wg sync.WaitGroup
-	for range a.opts.Workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			a.work(ctx, sess)
-		}()
-	}
 	done := make(chan struct{})
 	go func() {
-		wg.Wait()
-		close(done)
+		defer close(done)
+		a.consume(ctx, sess, a.opts.Workers)
 	}()
 
 	ticker := time.NewTicker(a.opts.HealthInterval)
@@ -271,12 +268,37 @@ func (a *Agent) drain(sess *consumer.Session, done <-chan struct{}) {
 // work handles deliveries until the channel closes. After shutdown has
 // begun, messages not yet dispatched are handed back (nack with requeue),
 // except with auto_ack, where the broker has already forgotten them.
+// consume runs the workers on a session until its deliveries end; acks
+// go through one settler per session (see acks.go).
+func (a *Agent) consume(ctx context.Context, sess session, workers int) {
+	if !a.opts.Session.AutoAck {
+		q := newAcks(a, a.opts.Session.PrefetchCount)
+		defer q.close()
+		sess = batched{session: sess, q: q}
+	}
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			a.work(ctx, sess)
+		}()
+	}
+	wg.Wait()
+}
+
+// batched is a session whose acks go through a settler.
+type batched struct {
+	session
+	q *acks
+}
+
 func (a *Agent) work(ctx context.Context, sess session) {
 	for d := range sess.Deliveries() {
 		a.metrics.onReceived()
 		a.received.Add(1)
 		if !a.opts.Session.AutoAck && (ctx.Err() != nil || a.wait(ctx) != nil) {
-			a.settle(&d, result{reason: "agent stopping"}, false)
+			a.settle(sess, &d, result{reason: "agent stopping"}, false)
 			continue
 		}
 		if a.opts.Session.AutoAck {
@@ -287,7 +309,7 @@ func (a *Agent) work(ctx context.Context, sess session) {
 		case a.opts.Session.AutoAck:
 			a.metrics.onSettled(OutcomeAutoAcked)
 		case r.ok || !a.ownsRetries():
-			a.settle(&d, r, a.opts.NackDiscard)
+			a.settle(sess, &d, r, a.opts.NackDiscard)
 		default:
 			a.fail(ctx, sess, &d, r)
 		}
@@ -331,7 +353,7 @@ func (a *Agent) dispatch(ctx context.Context, d *amqp.Delivery) (r result) {
 	return judge(resp, err)
 }
 
-func (a *Agent) settle(d Acknowledger, r result, discard bool) {
+func (a *Agent) settle(via interface{}, d *amqp.Delivery, r result, discard bool) {
 	outcome := OutcomeAcked
 	switch {
 	case r.ok:
@@ -340,13 +362,23 @@ func (a *Agent) settle(d Acknowledger, r result, discard bool) {
 	default:
 		outcome = OutcomeRequeued
 	}
-	a.settleAs(d, r, discard, outcome)
+	a.settleAs(via, d, r, discard, outcome)
 }
 
-// settleAs acks or nacks and counts the message's outcome, or counts it
-// unsettled when the channel refused: the broker then redelivers it.
-func (a *Agent) settleAs(d Acknowledger, r result, discard bool, outcome string) {
-	if err := settle(d, r, discard); err != nil {
+// settleAs acks or nacks a delivery and counts its outcome: through the
+// session's settler when via has one, else on the spot.
+func (a *Agent) settleAs(via interface{}, d *amqp.Delivery, r result, discard bool, outcome string) {
+	if b, ok := via.(batched); ok {
+		b.q.push(d, r.ok, !discard, outcome)
+		return
+	}
+	a.recordSettle(settle(d, r, discard), outcome)
+}
+
+// recordSettle counts a message's outcome, or counts it unsettled when
+// the channel refused the ack or nack: the broker then redelivers it.
+func (a *Agent) recordSettle(err error, outcome string) {
+	if err != nil {
 		a.stats.unsettled.Add(1)
 		a.metrics.onSettled(OutcomeUnsettled)
 		a.log.Debug("ack/nack refused, the broker will redeliver:", err)

@@ -52,7 +52,7 @@ func (a *Agent) fail(ctx context.Context, pub publisher, d *amqp.Delivery, r res
 	case giveUp && dead.Broker:
 		a.stats.deadLettered.Add(1)
 		a.stats.lastDeadLetter.Store(r.reason)
-		a.settleAs(d, result{reason: r.reason}, true, OutcomeDeadLettered)
+		a.settleAs(pub, d, result{reason: r.reason}, true, OutcomeDeadLettered)
 		return
 	case giveUp && dead.Enabled():
 		outcome = OutcomeDeadLettered
@@ -69,10 +69,10 @@ func (a *Agent) fail(ctx context.Context, pub publisher, d *amqp.Delivery, r res
 		a.stats.copyFailed.Add(1)
 		a.stats.lastCopyError.Store(err.Error())
 		sleep(ctx, min(retry.Delay, 5*time.Second))
-		a.settle(d, result{reason: r.reason}, false)
+		a.settle(pub, d, result{reason: r.reason}, false)
 		return
 	}
-	a.settleAs(d, result{ok: true}, false, outcome)
+	a.settleAs(pub, d, result{ok: true}, false, outcome)
 }
 
 func (a *Agent) retry(ctx context.Context, pub publisher, d *amqp.Delivery, attempt int, reason string, delay time.Duration) error {

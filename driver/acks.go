@@ -1,0 +1,130 @@
+package driver
+
+import (
+	amqp "github.com/rabbitmq/amqp091-go"
+)
+
+// acks settles the deliveries of one session from a single goroutine, so
+// that workers never wait on the channel's write lock, and acks runs of
+// consecutive delivery tags with one multiple-ack frame.
+//
+// A multiple-ack of tag T settles every outstanding delivery up to T.
+// That keeps at-least-once only if every tag up to T was handled: nacks
+// are sent one by one, at once, before any multiple-ack that covers
+// them; an ack is held until all lower tags are settled. So that a slow
+// message does not hold the acks of many finished ones (they fill the
+// prefetch window), finished tags beyond a gap are acked one by one once
+// they reach half the window.
+type acks struct {
+	agent    *Agent
+	requests chan ackRequest
+	done     chan struct{}
+	// The state below belongs to the run goroutine.
+	ch      amqp.Acknowledger
+	next    uint64            // lowest tag not settled yet
+	waiting map[uint64]string // acked tags above a gap, with their outcome
+	sent    map[uint64]bool   // tags above a gap settled one by one
+	hold    int               // most finished tags kept waiting on a gap
+}
+
+type ackRequest struct {
+	ch      amqp.Acknowledger
+	tag     uint64
+	ack     bool
+	requeue bool
+	outcome string
+}
+
+func newAcks(a *Agent, prefetch int) *acks {
+	hold := prefetch / 2
+	if prefetch == 0 {
+		hold = 100
+	}
+	q := &acks{
+		agent: a, requests: make(chan ackRequest, max(prefetch, 64)), done: make(chan struct{}),
+		next: 1, waiting: map[uint64]string{}, sent: map[uint64]bool{}, hold: max(hold, 1),
+	}
+	go q.run()
+	return q
+}
+
+// push hands a settled delivery over; it never blocks for long.
+func (q *acks) push(d *amqp.Delivery, ack, requeue bool, outcome string) {
+	q.requests <- ackRequest{ch: d.Acknowledger, tag: d.DeliveryTag, ack: ack, requeue: requeue, outcome: outcome}
+}
+
+// close flushes what is left and waits for the goroutine to end. Call it
+// once every worker is done.
+func (q *acks) close() {
+	close(q.requests)
+	<-q.done
+}
+
+func (q *acks) run() {
+	defer close(q.done)
+	for req := range q.requests {
+		q.take(req)
+		q.drain()
+		q.flush(false)
+	}
+	q.flush(true)
+}
+
+// drain takes every request already queued, so that a burst ends in one
+// ack frame.
+func (q *acks) drain() {
+	for {
+		select {
+		case req, ok := <-q.requests:
+			if !ok {
+				return
+			}
+			q.take(req)
+		default:
+			return
+		}
+	}
+}
+
+func (q *acks) take(req ackRequest) {
+	q.ch = req.ch
+	if !req.ack {
+		q.agent.recordSettle(req.ch.Nack(req.tag, false, req.requeue), req.outcome)
+		q.sent[req.tag] = true
+		return
+	}
+	q.waiting[req.tag] = req.outcome
+}
+
+// flush acks the run of settled tags from next upwards with one
+// multiple-ack; with all set, or when too many finished tags wait on a
+// gap, it acks those one by one.
+func (q *acks) flush(all bool) {
+	var outcomes []string
+	last := uint64(0)
+	for {
+		if o, ok := q.waiting[q.next]; ok {
+			outcomes = append(outcomes, o)
+			delete(q.waiting, q.next)
+			last = q.next
+		} else if q.sent[q.next] {
+			delete(q.sent, q.next)
+		} else {
+			break
+		}
+		q.next++
+	}
+	if last != 0 {
+		err := q.ch.Ack(last, true)
+		for _, o := range outcomes {
+			q.agent.recordSettle(err, o)
+		}
+	}
+	if all || len(q.waiting) >= q.hold {
+		for tag, o := range q.waiting {
+			q.agent.recordSettle(q.ch.Ack(tag, false), o)
+			delete(q.waiting, tag)
+			q.sent[tag] = true
+		}
+	}
+}
