@@ -10,6 +10,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"net/http"
 	"strings"
 
 	"github.com/luraproject/lura/v2/async"
@@ -57,6 +58,7 @@ func StartAgent(ctx context.Context, opts async.Options) bool {
 	if cfg.TLS.InsecureSkipVerify {
 		logger.Warning(prefix, "tls.insecure_skip_verify is set: the broker's certificate is not verified")
 	}
+	warnIdleConns(logger, prefix, opts.Agent.Consumer.Workers)
 	agent := driver.New(agentOptions(opts, cfg, tlsConfig))
 	opts.G.Go(func() error {
 		_ = agent.Run(ctx)
@@ -116,6 +118,38 @@ func routingKeys(cfg config.Config, topic string) []string {
 		return cfg.RoutingKeys
 	}
 	return []string{topic}
+}
+
+// warnIdleConns says when Go's default HTTP transport, which Lura's
+// backend client uses, keeps fewer idle connections per host than the
+// agent has workers: the others would open a new connection per message,
+// at about twice the CPU. A gateway sets it from the service config with
+// Lura's server.InitHTTPDefaultTransport.
+func warnIdleConns(logger logging.Logger, prefix string, workers int) {
+	t, ok := http.DefaultTransport.(*http.Transport)
+	if !ok {
+		return
+	}
+	idle := t.MaxIdleConnsPerHost
+	if idle == 0 {
+		idle = http.DefaultMaxIdleConnsPerHost
+	}
+	if idle < workers {
+		logger.Warning(prefix, fmt.Sprintf("the HTTP transport keeps %d idle connections per backend host, fewer than "+
+			"consumer.workers (%d): set max_idle_connections_per_host and initialise Lura's transport "+
+			"(server.InitHTTPDefaultTransport), or backends get a new connection per message", idle, workers))
+	}
+}
+
+// usesParams tells whether a backend's url_pattern (already rewritten by
+// Check) has placeholders.
+func usesParams(backends []*luraconfig.Backend) bool {
+	for _, b := range backends {
+		if driver.UsesParams(b.URLPattern) {
+			return true
+		}
+	}
+	return false
 }
 
 // blockErrors names the agent and the path of each problem of its
@@ -180,6 +214,7 @@ func agentOptions(opts async.Options, cfg config.Config, tlsConfig *tls.Config) 
 		Retry:           cfg.Retry,
 		DeadLetter:      cfg.DeadLetter,
 		ShutdownTimeout: cfg.ShutdownTimeout,
+		URLParams:       usesParams(a.Backend),
 		Proxy:           opts.Proxy,
 		Ping:            opts.AgentPing,
 		ShouldContinue:  opts.ShouldContinue,

@@ -63,7 +63,10 @@ type Options struct {
 	ShutdownTimeout time.Duration
 	// Meter records the agent's metrics; nil means OpenTelemetry's
 	// global meter provider.
-	Meter          metric.Meter
+	Meter metric.Meter
+	// URLParams fills the request params ({routing_key}...) for the
+	// backends' url_pattern; without placeholders they are left empty.
+	URLParams      bool
 	Proxy          proxy.Proxy
 	Ping           chan<- string
 	ShouldContinue func(int) bool
@@ -346,9 +349,9 @@ func (a *Agent) dispatch(ctx context.Context, d *amqp.Delivery) (r result) {
 			a.log.Debug("dispatch failed:", r.reason)
 		}
 	}()
-	done := a.metrics.onDispatch()
-	defer func() { done(r.ok) }()
-	resp, err := a.opts.Proxy(dctx, newRequest(d))
+	start := a.metrics.onDispatch()
+	defer func() { a.metrics.onDispatched(start, r.ok) }()
+	resp, err := a.opts.Proxy(dctx, newRequest(d, a.opts.URLParams))
 	discardBody(resp)
 	return judge(resp, err)
 }

@@ -32,7 +32,11 @@ const (
 // messaging conventions where they exist (received messages, process
 // duration); the rest carry the krakend.amqp prefix.
 type metrics struct {
-	attrs     metric.MeasurementOption
+	attrs metric.MeasurementOption
+	// by outcome and by dispatch result, built once: per-message
+	// attribute sets would allocate on the hot path.
+	outcomes  map[string]metric.MeasurementOption
+	results   [2]metric.MeasurementOption // failure, success
 	received  metric.Int64Counter
 	settled   metric.Int64Counter
 	duration  metric.Float64Histogram
@@ -45,11 +49,19 @@ func newMetrics(meter metric.Meter, agent, queue string) *metrics {
 	if meter == nil {
 		meter = otel.GetMeterProvider().Meter(Scope)
 	}
-	m := &metrics{attrs: metric.WithAttributeSet(attribute.NewSet(
+	base := []attribute.KeyValue{
 		attribute.String("messaging.system", "rabbitmq"),
 		attribute.String("messaging.destination.name", queue),
 		attribute.String("krakend.async_agent", agent),
-	))}
+	}
+	with := func(k, v string) metric.MeasurementOption {
+		return metric.WithAttributeSet(attribute.NewSet(append(base[:len(base):len(base)], attribute.String(k, v))...))
+	}
+	m := &metrics{attrs: metric.WithAttributeSet(attribute.NewSet(base...)), outcomes: map[string]metric.MeasurementOption{}}
+	for _, o := range []string{OutcomeAcked, OutcomeRequeued, OutcomeRetried, OutcomeDeadLettered, OutcomeDiscarded, OutcomeAutoAcked, OutcomeUnsettled} {
+		m.outcomes[o] = with("outcome", o)
+	}
+	m.results = [2]metric.MeasurementOption{with("outcome", "failure"), with("outcome", "success")}
 	// Instrument creation only fails on invalid names; a failed one is a
 	// no-op instrument, never a reason to stop consuming.
 	m.received, _ = meter.Int64Counter("messaging.client.consumed.messages",
@@ -78,23 +90,24 @@ func newMetrics(meter metric.Meter, agent, queue string) *metrics {
 func (m *metrics) onReceived() { m.received.Add(context.Background(), 1, m.attrs) }
 
 func (m *metrics) onSettled(outcome string) {
-	m.settled.Add(context.Background(), 1, m.attrs, metric.WithAttributes(attribute.String("outcome", outcome)))
+	m.settled.Add(context.Background(), 1, m.outcomes[outcome])
 }
 
-// onDispatch counts a dispatch in flight and returns the function that
-// records its end.
-func (m *metrics) onDispatch() func(ok bool) {
+// onDispatch counts a dispatch in flight; pass its result to
+// onDispatched.
+func (m *metrics) onDispatch() time.Time {
+	m.inFlight.Add(context.Background(), 1, m.attrs)
+	return time.Now()
+}
+
+func (m *metrics) onDispatched(start time.Time, ok bool) {
 	ctx := context.Background()
-	m.inFlight.Add(ctx, 1, m.attrs)
-	start := time.Now()
-	return func(ok bool) {
-		m.inFlight.Add(ctx, -1, m.attrs)
-		result := "success"
-		if !ok {
-			result = "failure"
-		}
-		m.duration.Record(ctx, time.Since(start).Seconds(), m.attrs, metric.WithAttributes(attribute.String("outcome", result)))
+	m.inFlight.Add(ctx, -1, m.attrs)
+	result := m.results[0]
+	if ok {
+		result = m.results[1]
 	}
+	m.duration.Record(ctx, time.Since(start).Seconds(), result)
 }
 
 func (m *metrics) onConnected(up bool) {

@@ -476,7 +476,7 @@ func TestAgentDispatch(t *testing.T) {
 
 	t.Run("the pipeline sees the message", func(t *testing.T) {
 		got := make(chan *proxy.Request, 1)
-		a := New(Options{Name: "test", Timeout: time.Minute, Logger: logging.NoOp, Proxy: func(_ context.Context, r *proxy.Request) (*proxy.Response, error) {
+		a := New(Options{Name: "test", Timeout: time.Minute, Logger: logging.NoOp, URLParams: true, Proxy: func(_ context.Context, r *proxy.Request) (*proxy.Response, error) {
 			got <- r
 			return &proxy.Response{IsComplete: true}, nil
 		}})
@@ -709,7 +709,7 @@ func TestOutcomeThroughLuraPipeline(t *testing.T) {
 				})
 			}
 			p := luraPipeline(t, tc.encoding, backends...)
-			resp, err := p(context.Background(), newRequest(&amqp.Delivery{Body: []byte(`{}`), RoutingKey: "k"}))
+			resp, err := p(context.Background(), newRequest(&amqp.Delivery{Body: []byte(`{}`), RoutingKey: "k"}, true))
 			discardBody(resp)
 			r := judge(resp, err)
 			if r.ok != tc.wantOK {
@@ -726,7 +726,7 @@ func TestOutcomeThroughLuraPipeline(t *testing.T) {
 		url := srv.URL
 		srv.Close()
 		p := luraPipeline(t, "no-op", &config.Backend{Host: []string{url}, URLPattern: "/", Method: http.MethodPost})
-		resp, err := p(context.Background(), newRequest(&amqp.Delivery{Body: []byte(`{}`)}))
+		resp, err := p(context.Background(), newRequest(&amqp.Delivery{Body: []byte(`{}`)}, true))
 		discardBody(resp)
 		if r := judge(resp, err); r.ok {
 			t.Error("judge ok for a backend that is down")

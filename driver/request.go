@@ -42,8 +42,10 @@ const (
 var Params = []string{"routing_key", "exchange", "message_id", "correlation_id", "redelivered"}
 
 // newRequest turns a delivery into the request the backend pipeline sees.
-// The body is the message body untouched.
-func newRequest(d *amqp.Delivery) *proxy.Request {
+// The body is the message body untouched. Params are filled only when a
+// url_pattern uses them: with none, Lura's path builder has nothing to
+// replace.
+func newRequest(d *amqp.Delivery, params bool) *proxy.Request {
 	h := make(map[string][]string, 8+len(d.Headers))
 	h["Content-Length"] = []string{strconv.Itoa(len(d.Body))}
 	set := func(name, value string) {
@@ -77,19 +79,22 @@ func newRequest(d *amqp.Delivery) *proxy.Request {
 			h[name] = append(h[name], cleanValue(value))
 		}
 	}
-	return &proxy.Request{
-		Method:  "POST",
-		Body:    io.NopCloser(bytes.NewReader(d.Body)),
-		Headers: h,
-		Params: map[string]string{
+	req := &proxy.Request{Method: "POST", Body: io.NopCloser(bytes.NewReader(d.Body)), Headers: h}
+	if params {
+		req.Params = map[string]string{
 			"Routing_key":    pathParam(key),
 			"Exchange":       pathParam(exchange),
 			"Message_id":     pathParam(d.MessageId),
 			"Correlation_id": pathParam(d.CorrelationId),
 			"Redelivered":    strconv.FormatBool(d.Redelivered),
-		},
+		}
 	}
+	return req
 }
+
+// UsesParams tells whether a url_pattern, as rewritten by URLPattern,
+// has placeholders to fill.
+func UsesParams(pattern string) bool { return strings.Contains(pattern, "{{.") }
 
 // origin is where the message was first published: a retried message
 // comes back from its retry queue through the default exchange, and
