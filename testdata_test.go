@@ -17,12 +17,13 @@ var invalidFixtures = map[string]struct {
 	agent string
 	field string
 }{
-	"missing-host.json":    {agent: "no-host", field: "extra_config.async/amqp.host"},
-	"bad-scheme.json":      {agent: "bad-scheme", field: "extra_config.async/amqp.host"},
-	"bad-prefetch.json":    {agent: "bad-prefetch", field: "extra_config.async/amqp.prefetch_count"},
-	"unknown-field.json":   {agent: "unknown-field", field: "extra_config.async/amqp.exchange_kind"},
-	"missing-topic.json":   {agent: "no-topic", field: "consumer.topic"},
-	"bad-placeholder.json": {agent: "bad-placeholder", field: "backend[0].url_pattern"},
+	"missing-host.json":     {agent: "no-host", field: "extra_config.async/amqp.host"},
+	"bad-scheme.json":       {agent: "bad-scheme", field: "extra_config.async/amqp.host"},
+	"bad-prefetch.json":     {agent: "bad-prefetch", field: "extra_config.async/amqp.prefetch_count"},
+	"unknown-field.json":    {agent: "unknown-field", field: "extra_config.async/amqp.exchange_kind"},
+	"missing-topic.json":    {agent: "no-topic", field: "consumer.topic"},
+	"bad-placeholder.json":  {agent: "bad-placeholder", field: "backend[0].url_pattern"},
+	"quorum-exclusive.json": {agent: "quorum-exclusive", field: "extra_config.async/amqp.exclusive"},
 }
 
 // fixtureAgents parses a krakend.json fixture with Lura's own parser, as

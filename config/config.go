@@ -75,9 +75,11 @@ const (
 	// TopologyDeclare declares the exchange and the queue and binds them.
 	TopologyDeclare = "declare"
 	// TopologyPassive checks that the exchange and the queue exist and
-	// declares or binds nothing.
+	// declares or binds neither; the driver's own retry and dead-letter
+	// queues are still declared.
 	TopologyPassive = "passive"
-	// TopologyNone touches no topology: the queue must exist.
+	// TopologyNone declares no exchange, queue or binding: the queue must
+	// exist. Retry and dead-letter queues are still declared.
 	TopologyNone = "none"
 )
 

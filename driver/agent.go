@@ -177,11 +177,11 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 		retries++
 		if !a.opts.ShouldContinue(retries) {
-			a.log.Error("giving up after", retries-1, "connection retries; last error:", err)
+			a.log.Error("giving up after", retries-1, "connection retries; last error:", oneLine(err))
 			return ErrGaveUp
 		}
 		wait := a.backoff(retries)
-		a.log.Warning(fmt.Sprintf("%v; retry %d in %s", err, retries, wait))
+		a.log.Warning(fmt.Sprintf("%s; retry %d in %s", oneLine(err), retries, wait))
 		if !sleep(ctx, wait) {
 			a.log.Info("stopped")
 			return nil
@@ -445,6 +445,9 @@ func (a *Agent) ping() {
 	default:
 	}
 }
+
+// oneLine keeps a joined error (one line per broker URL) on one log line.
+func oneLine(err error) string { return strings.ReplaceAll(fmt.Sprint(err), "\n", "; ") }
 
 func sleep(ctx context.Context, d time.Duration) bool {
 	t := time.NewTimer(d)

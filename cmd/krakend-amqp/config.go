@@ -40,15 +40,20 @@ type findings struct {
 	warnings []string
 }
 
-// inspect validates what Lura's parser does not: the logging block and,
-// with asyncamqp.Check, every agent that has a driver block. Like Lura's
-// agent starter, it names unnamed agents AsyncAgent-NN; like the driver,
-// it rewrites url_pattern placeholders into Lura's form, so the file must
-// be inspected before the agents start.
+// inspect validates what Lura's parser does not: the logging and metrics
+// blocks and, with asyncamqp.Check, every agent that has a driver block.
+// Like Lura's agent starter, it names unnamed agents AsyncAgent-NN; like
+// the driver, it rewrites url_pattern placeholders into Lura's form, so
+// the file must be inspected before the agents start.
 func inspect(cfg *luraconfig.ServiceConfig) findings {
 	var f findings
 	if _, err := newLogger(cfg.ExtraConfig, false, io.Discard); err != nil {
 		f.problems = append(f.problems, err.Error())
+	}
+	if _, err := metricsAddress(cfg.ExtraConfig); err != nil {
+		for _, e := range flatten(err) {
+			f.problems = append(f.problems, e.Error())
+		}
 	}
 	seen := map[string]bool{}
 	for i, agent := range cfg.AsyncAgents {

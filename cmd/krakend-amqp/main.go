@@ -8,7 +8,7 @@
 //
 // Usage:
 //
-//	krakend-amqp run -c krakend.json [-d] [-p port]
+//	krakend-amqp run -c krakend.json [-d] [-p port] [-metrics address]
 //	krakend-amqp check -c krakend.json
 //	krakend-amqp version
 //
@@ -16,7 +16,10 @@
 // agents finish the messages in flight, and exits 0. check validates the
 // whole file and every driver block, prints every problem naming the agent
 // and the field, and exits 1 if there is any. /__health lists each agent
-// with the time of its last ping.
+// with the time of its last ping. With -metrics (or the service-level
+// extra_config block "async/amqp/metrics": {"listen_address": ":9091"})
+// run also serves the agents' OpenTelemetry metrics for Prometheus on
+// GET /metrics at that address.
 //
 // Install it with
 //
@@ -42,8 +45,10 @@ const (
 const usageText = `krakend-amqp: a KrakenD-compatible API gateway with the AMQP async agent driver.
 
 Usage:
-  krakend-amqp run -c krakend.json [-d] [-p port]
-        serve the endpoints and start the async agents until SIGINT/SIGTERM
+  krakend-amqp run -c krakend.json [-d] [-p port] [-metrics address]
+        serve the endpoints and start the async agents until SIGINT/SIGTERM;
+        -metrics 127.0.0.1:9091 also serves the agents' metrics for
+        Prometheus on GET /metrics at that address
   krakend-amqp check -c krakend.json
         validate the file and every async/amqp block; exit 1 on any problem
   krakend-amqp version

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/signal"
@@ -27,16 +28,25 @@ const logPrefix = "[SERVICE: krakend-amqp]"
 // does not parse, or whose agents do not validate, is refused before
 // anything starts.
 func runCommand(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := newFlagSet("run", "-c krakend.json [-d] [-p port]", stderr)
+	fs := newFlagSet("run", "-c krakend.json [-d] [-p port] [-metrics address]", stderr)
 	file := fs.String("c", "krakend.json", "the configuration `file`")
 	debug := fs.Bool("d", false, "log at DEBUG level and enable the /__debug/ endpoint")
 	port := fs.Int("p", 0, "listen on this `port` instead of the file's \"port\"")
+	metricsAddr := fs.String("metrics", "", "serve the agents' metrics for Prometheus on GET /metrics at this `address`\n"+
+		"(e.g. 127.0.0.1:9091 or :9091); default: the file's extra_config\n"+
+		"\""+metricsNamespace+"\".listen_address, else no metrics endpoint")
 	if code, done := parseFlags(fs, args); done {
 		return code
 	}
 	if *port < 0 || *port > 65535 {
 		fmt.Fprintf(stderr, "krakend-amqp run: -p %d: not a TCP port\n", *port)
 		return exitUsage
+	}
+	if *metricsAddr != "" {
+		if _, _, err := net.SplitHostPort(*metricsAddr); err != nil {
+			fmt.Fprintf(stderr, "krakend-amqp run: -metrics %q: not host:port (e.g. 127.0.0.1:9091 or :9091)\n", *metricsAddr)
+			return exitUsage
+		}
 	}
 	cfg, err := loadConfig(*file)
 	if err != nil {
@@ -61,17 +71,38 @@ func runCommand(ctx context.Context, args []string, stdout, stderr io.Writer) in
 	for _, w := range f.warnings {
 		logger.Warning(logPrefix, w)
 	}
-	return serveUntilSignal(ctx, cfg, logger, stdout, stderr)
+	if *metricsAddr == "" {
+		*metricsAddr, _ = metricsAddress(cfg.ExtraConfig) // checked by inspect
+	}
+	return serveUntilSignal(ctx, cfg, logger, *metricsAddr, stdout, stderr)
 }
 
 // serveUntilSignal runs the gateway until a signal, and turns its end into
-// an exit code.
-func serveUntilSignal(ctx context.Context, cfg luraconfig.ServiceConfig, logger logging.Logger, stdout, stderr io.Writer) int {
+// an exit code. With a metrics address, the metrics endpoint and the
+// global MeterProvider are set up before any agent starts, and shut down
+// after every agent has stopped.
+func serveUntilSignal(ctx context.Context, cfg luraconfig.ServiceConfig, logger logging.Logger, metricsAddr string, stdout, stderr io.Writer) int {
 	ctx, stop := withSignals(ctx, logger)
 	defer stop()
 	v := versions()
 	logger.Info(logPrefix, "starting krakend-amqp", v.gateway, "on Lura", v.lura, "with", plural(len(cfg.Endpoints), "endpoint"), "and", plural(len(cfg.AsyncAgents), "async agent"))
-	if err := serve(ctx, cfg, logger, stdout); err != nil {
+	var metrics *metricsServer
+	if metricsAddr != "" {
+		var err error
+		if metrics, err = startMetrics(metricsAddr); err != nil {
+			logger.Error(logPrefix, err)
+			fmt.Fprintln(stderr, "krakend-amqp run:", err)
+			return exitFailure
+		}
+		logger.Info(logPrefix, fmt.Sprintf("metrics for Prometheus on http://%s%s", metrics.addr, metricsPath))
+	}
+	err := serve(ctx, cfg, logger, stdout)
+	if metrics != nil {
+		if stopErr := metrics.stop(); stopErr != nil {
+			logger.Warning(logPrefix, "stopping the metrics endpoint:", stopErr)
+		}
+	}
+	if err != nil {
 		logger.Error(logPrefix, err)
 		fmt.Fprintln(stderr, "krakend-amqp run:", err)
 		return exitFailure

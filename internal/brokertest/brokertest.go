@@ -149,7 +149,8 @@ func Queue(t testing.TB, name string) (QueueInfo, bool) {
 		t.Fatalf("rabbitmqctl list_queues: %v: %s", err, out)
 	}
 	for _, line := range bytes.Split(out, []byte("\n")) {
-		f := strings.Fields(string(line))
+		// Tab-separated: a quorum queue's exclusive column is empty.
+		f := strings.Split(string(line), "\t")
 		if len(f) != 7 || f[0] != name {
 			continue
 		}
