@@ -76,8 +76,15 @@ type Session struct {
 	tag        string
 	deliveries <-chan amqp.Delivery
 	closed     chan *amqp.Error
-	// host is the redacted URL connected to; skipped holds why the URLs
-	// tried before it failed.
+	dialed
+}
+
+// dialed is the outcome of trying the URLs in turn.
+type dialed struct {
+	conn *amqp.Connection
+	// index of the URL connected to in Settings.URLs, and its redacted
+	// form; skipped holds why the URLs tried before it failed.
+	index   int
 	host    string
 	skipped error
 }
@@ -86,28 +93,28 @@ type Session struct {
 // off the queue before Open returns the session to its caller, who must
 // drain Deliveries until it is closed.
 func Open(ctx context.Context, s Settings) (*Session, error) {
-	conn, host, skipped, err := dialAny(ctx, s)
+	d, err := dialAny(ctx, s)
 	if err != nil {
 		return nil, err
 	}
-	sess, err := setUp(conn, s)
+	sess, err := setUp(d.conn, s)
 	if err != nil {
-		conn.Close()
+		d.conn.Close()
 		return nil, err
 	}
-	sess.host, sess.skipped = host, skipped
+	sess.dialed = d
 	return sess, nil
 }
 
 // dialAny tries each URL in turn and returns the first connection, with
 // its redacted URL and the failures of the URLs tried before it, or every
 // failure.
-func dialAny(ctx context.Context, s Settings) (*amqp.Connection, string, error, error) {
+func dialAny(ctx context.Context, s Settings) (dialed, error) {
 	var errs []error
-	for _, u := range s.URLs {
+	for i, u := range s.URLs {
 		conn, err := dial(ctx, u, s)
 		if err == nil {
-			return conn, config.Redacted(u), errors.Join(errs...), nil
+			return dialed{conn: conn, index: i, host: config.Redacted(u), skipped: errors.Join(errs...)}, nil
 		}
 		errs = append(errs, fmt.Errorf("connect to %s: %w", config.Redacted(u), err))
 		if ctx.Err() != nil {
@@ -115,9 +122,9 @@ func dialAny(ctx context.Context, s Settings) (*amqp.Connection, string, error, 
 		}
 	}
 	if len(errs) == 0 {
-		return nil, "", nil, errors.New("no broker URL to connect to")
+		return dialed{}, errors.New("no broker URL to connect to")
 	}
-	return nil, "", nil, errors.Join(errs...)
+	return dialed{}, errors.Join(errs...)
 }
 
 func dial(ctx context.Context, url string, s Settings) (*amqp.Connection, error) {
@@ -343,6 +350,9 @@ func (s *Session) Publish(ctx context.Context, exchange, key string, msg amqp.Pu
 // Host is the URL of the broker this session is connected to, with its
 // password redacted.
 func (s *Session) Host() string { return s.host }
+
+// Index is the position in Settings.URLs of the URL connected to.
+func (s *Session) Index() int { return s.index }
 
 // Skipped returns why the URLs tried before Host failed (joined), or nil
 // when the first one answered. The URLs in it are redacted.

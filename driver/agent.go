@@ -170,6 +170,7 @@ func (a *Agent) Run(ctx context.Context) error {
 			if time.Since(started) >= stableSession || a.received.Load() > before {
 				retries = 0
 			}
+			a.opts.Session.URLs = after(a.opts.Session.URLs, sess.Index())
 		}
 		if ctx.Err() != nil {
 			a.log.Info("stopped")
@@ -444,6 +445,17 @@ func (a *Agent) ping() {
 	case a.opts.Ping <- a.opts.Name:
 	default:
 	}
+}
+
+// after rotates a cluster's URLs so that the one after i comes first: a
+// lost session is retried on the next node, and the node it was on is
+// tried last.
+func after(urls []string, i int) []string {
+	if len(urls) < 2 {
+		return urls
+	}
+	i = (i + 1) % len(urls)
+	return append(append([]string(nil), urls[i:]...), urls[:i]...)
 }
 
 // oneLine keeps a joined error (one line per broker URL) on one log line.

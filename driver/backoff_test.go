@@ -1,6 +1,7 @@
 package driver
 
 import (
+	"slices"
 	"testing"
 	"time"
 
@@ -33,5 +34,17 @@ func TestBackoffSurvivesAPanickingStrategy(t *testing.T) {
 	a := New(Options{Name: "b", Backoff: func(int) time.Duration { panic("boom") }})
 	if got := a.backoff(1); got != MaxBackoff {
 		t.Errorf("got %s, want %s", got, MaxBackoff)
+	}
+}
+
+func TestAfterRotatesToTheNextNode(t *testing.T) {
+	urls := []string{"a", "b", "c"}
+	for i, want := range [][]string{{"b", "c", "a"}, {"c", "a", "b"}, {"a", "b", "c"}} {
+		if got := after(urls, i); !slices.Equal(got, want) {
+			t.Errorf("after(%d) = %v, want %v", i, got, want)
+		}
+	}
+	if got := after([]string{"only"}, 0); !slices.Equal(got, []string{"only"}) {
+		t.Errorf("one URL: %v", got)
 	}
 }
