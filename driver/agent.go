@@ -138,6 +138,9 @@ func New(opts Options) *Agent {
 		a.limiter = rate.NewLimiter(rate.Limit(a.opts.MaxRate), 1)
 	}
 	a.metrics = newMetrics(a.opts.Meter, a.opts.Name, a.opts.Session.Queue)
+	if p := a.opts.Session.PrefetchCount; p > 0 && p < a.opts.Workers && !a.opts.Session.AutoAck {
+		a.log.Warning(fmt.Sprintf("prefetch_count %d is below consumer.workers %d: only %d workers can have a message at a time", p, a.opts.Workers, p))
+	}
 	if a.opts.Session.NoLocal {
 		a.log.Warning("no_local is passed to the broker, but RabbitMQ ignores it")
 	}

@@ -1,11 +1,16 @@
 package driver
 
 import (
+	"bytes"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/luraproject/lura/v2/backoff"
+	"github.com/luraproject/lura/v2/logging"
+
+	"github.com/krakend-contrib/async-amqp/consumer"
 )
 
 func TestBackoffStaysWithinBoundsForEveryLuraStrategy(t *testing.T) {
@@ -46,5 +51,19 @@ func TestAfterRotatesToTheNextNode(t *testing.T) {
 	}
 	if got := after([]string{"only"}, 0); !slices.Equal(got, []string{"only"}) {
 		t.Errorf("one URL: %v", got)
+	}
+}
+
+func TestWarnsWhenPrefetchIsBelowWorkers(t *testing.T) {
+	for _, tc := range []struct {
+		prefetch, workers int
+		warn              bool
+	}{{10, 16, true}, {16, 16, false}, {0, 16, false}, {100, 16, false}} {
+		buf := &bytes.Buffer{}
+		l, _ := logging.NewLogger("WARNING", buf, "")
+		New(Options{Name: "p", Workers: tc.workers, Session: consumer.Settings{PrefetchCount: tc.prefetch}, Logger: l})
+		if got := strings.Contains(buf.String(), "below consumer.workers"); got != tc.warn {
+			t.Errorf("prefetch %d, workers %d: warned %t, want %t", tc.prefetch, tc.workers, got, tc.warn)
+		}
 	}
 }
