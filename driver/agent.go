@@ -212,8 +212,11 @@ func (a *Agent) serve(ctx context.Context, sess *consumer.Session) error {
 	s := a.opts.Session
 	if skipped := sess.Skipped(); skipped != nil {
 		a.log.Warning(fmt.Sprintf("connected to %s after failing to reach the hosts before it: %s",
-			sess.Host(), strings.ReplaceAll(skipped.Error(), "\n", "; ")))
+			sess.Host(), oneLine(skipped)))
+	} else {
+		a.log.Info("connected to", sess.Host())
 	}
+	a.log.Info(a.topologyLine())
 	keys := make([]string, len(s.RoutingKeys))
 	for i, k := range s.RoutingKeys {
 		keys[i] = strconv.Quote(k)
@@ -448,6 +451,27 @@ func (a *Agent) ping() {
 	case a.opts.Ping <- a.opts.Name:
 	default:
 	}
+}
+
+// topologyLine says what the session declared or checked.
+func (a *Agent) topologyLine() string {
+	t := a.opts.Session.Topology
+	var line string
+	switch t.Mode {
+	case config.TopologyPassive:
+		line = fmt.Sprintf("topology checked: exchange %q and queue %q exist", t.Exchange, t.Queue)
+	case config.TopologyNone:
+		line = fmt.Sprintf("topology not declared: using the existing queue %q", t.Queue)
+	default:
+		line = fmt.Sprintf("topology declared: %s exchange %q, queue %q, %d binding(s)", t.ExchangeType, t.Exchange, t.Queue, len(t.RoutingKeys))
+	}
+	if n := len(a.opts.Session.RetryDelays); n > 0 {
+		line += fmt.Sprintf(", %d retry queue(s)", n)
+	}
+	if d := a.opts.Session.DeadLetterQueue; d != "" {
+		line += fmt.Sprintf(", dead-letter queue %q", d)
+	}
+	return line
 }
 
 // after rotates a cluster's URLs so that the one after i comes first: a
