@@ -348,7 +348,7 @@ func (a *Agent) dispatch(ctx context.Context, d *amqp.Delivery) (r result) {
 	defer cancel()
 	defer func() {
 		if p := recover(); p != nil {
-			r = result{reason: fmt.Sprint("the backend pipeline panicked: ", p)}
+			r = result{reason: fmt.Sprint("the backend pipeline panicked: ", p), kind: "panic"}
 		}
 		if !r.ok {
 			a.stats.failed.Add(1)
@@ -357,7 +357,7 @@ func (a *Agent) dispatch(ctx context.Context, d *amqp.Delivery) (r result) {
 		}
 	}()
 	start := a.metrics.onDispatch()
-	defer func() { a.metrics.onDispatched(start, r.ok) }()
+	defer func() { a.metrics.onDispatched(start, r.kind) }()
 	resp, err := a.opts.Proxy(dctx, newRequest(d, a.opts.URLParams))
 	discardBody(resp)
 	return judge(resp, err)

@@ -36,7 +36,7 @@ type metrics struct {
 	// by outcome and by dispatch result, built once: per-message
 	// attribute sets would allocate on the hot path.
 	outcomes  map[string]metric.MeasurementOption
-	results   [2]metric.MeasurementOption // failure, success
+	failures  map[string]metric.MeasurementOption // by error.type
 	received  metric.Int64Counter
 	settled   metric.Int64Counter
 	duration  metric.Float64Histogram
@@ -61,7 +61,10 @@ func newMetrics(meter metric.Meter, agent, queue string) *metrics {
 	for _, o := range []string{OutcomeAcked, OutcomeRequeued, OutcomeRetried, OutcomeDeadLettered, OutcomeDiscarded, OutcomeAutoAcked, OutcomeUnsettled} {
 		m.outcomes[o] = with("outcome", o)
 	}
-	m.results = [2]metric.MeasurementOption{with("outcome", "failure"), with("outcome", "success")}
+	m.failures = map[string]metric.MeasurementOption{}
+	for _, kind := range []string{"timeout", "http_status", "incomplete", "no_response", "panic", "error"} {
+		m.failures[kind] = with("error.type", kind)
+	}
 	// Instrument creation only fails on invalid names; a failed one is a
 	// no-op instrument, never a reason to stop consuming.
 	m.received, _ = meter.Int64Counter("messaging.client.consumed.messages",
@@ -93,21 +96,22 @@ func (m *metrics) onSettled(outcome string) {
 	m.settled.Add(context.Background(), 1, m.outcomes[outcome])
 }
 
-// onDispatch counts a dispatch in flight; pass its result to
-// onDispatched.
+// onDispatch counts a dispatch in flight; pass its failure class ("" for
+// a success) to onDispatched, which records it as OpenTelemetry's
+// error.type, as the messaging conventions do.
 func (m *metrics) onDispatch() time.Time {
 	m.inFlight.Add(context.Background(), 1, m.attrs)
 	return time.Now()
 }
 
-func (m *metrics) onDispatched(start time.Time, ok bool) {
+func (m *metrics) onDispatched(start time.Time, failure string) {
 	ctx := context.Background()
 	m.inFlight.Add(ctx, -1, m.attrs)
-	result := m.results[0]
-	if ok {
-		result = m.results[1]
+	attrs := m.attrs
+	if failure != "" {
+		attrs = m.failures[failure]
 	}
-	m.duration.Record(ctx, time.Since(start).Seconds(), result)
+	m.duration.Record(ctx, time.Since(start).Seconds(), attrs)
 }
 
 func (m *metrics) onConnected(up bool) {

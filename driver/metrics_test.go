@@ -2,10 +2,13 @@ package driver
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"testing"
 	"time"
 
 	"github.com/luraproject/lura/v2/logging"
+	"github.com/luraproject/lura/v2/proxy"
 	"go.opentelemetry.io/otel/attribute"
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 	"go.opentelemetry.io/otel/sdk/metric/metricdata"
@@ -72,5 +75,24 @@ func TestMetricsCountRefusedAcksAsUnsettled(t *testing.T) {
 	a.work(context.Background(), deliveries(&fakeAcker{err: context.Canceled}, "ok", "ok"))
 	if got := collect(t, reader)["krakend.amqp.messages.settled/unsettled"]; got != 2 {
 		t.Errorf("unsettled = %d, want 2", got)
+	}
+}
+
+func TestJudgeClassesFailures(t *testing.T) {
+	for _, tc := range []struct {
+		resp *proxy.Response
+		err  error
+		want string
+	}{
+		{&proxy.Response{IsComplete: true, Metadata: proxy.Metadata{StatusCode: 200}}, nil, ""},
+		{&proxy.Response{IsComplete: true, Metadata: proxy.Metadata{StatusCode: 503}}, nil, "http_status"},
+		{nil, fmt.Errorf("wrapped: %w", context.DeadlineExceeded), "timeout"},
+		{nil, errors.New("connection refused"), "error"},
+		{nil, nil, "no_response"},
+		{&proxy.Response{}, nil, "incomplete"},
+	} {
+		if got := judge(tc.resp, tc.err).kind; got != tc.want {
+			t.Errorf("judge(%v, %v).kind = %q, want %q", tc.resp, tc.err, got, tc.want)
+		}
 	}
 }

@@ -1,6 +1,8 @@
 package driver
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"io"
 
@@ -20,6 +22,9 @@ type result struct {
 	reason string
 	// status is the backend's HTTP status when Lura exposes it, else 0.
 	status int
+	// kind classes a failure for metrics (OpenTelemetry's error.type):
+	// timeout, http_status, incomplete, no_response, panic or error.
+	kind string
 }
 
 // judge decides whether a pipeline answer means the message was handled.
@@ -29,14 +34,20 @@ type result struct {
 func judge(resp *proxy.Response, err error) result {
 	switch {
 	case err != nil:
-		return result{reason: err.Error(), status: statusOf(err)}
+		r := result{reason: err.Error(), status: statusOf(err), kind: "error"}
+		if r.status != 0 {
+			r.kind = "http_status"
+		} else if errors.Is(err, context.DeadlineExceeded) {
+			r.kind = "timeout"
+		}
+		return r
 	case resp == nil:
-		return result{reason: "the backend pipeline returned no response"}
+		return result{reason: "the backend pipeline returned no response", kind: "no_response"}
 	case !resp.IsComplete:
-		return result{reason: "incomplete response: at least one backend failed"}
+		return result{reason: "incomplete response: at least one backend failed", kind: "incomplete"}
 	}
 	if s := resp.Metadata.StatusCode; s != 0 && (s < 200 || s > 299) {
-		return result{reason: fmt.Sprintf("backend answered status %d", s), status: s}
+		return result{reason: fmt.Sprintf("backend answered status %d", s), status: s, kind: "http_status"}
 	}
 	return result{ok: true}
 }

@@ -99,8 +99,8 @@ func TestMetricsEndpointCountsARun(t *testing.T) {
 	if got := m.histogramCount(promDuration, labels); got != uint64(consumed) {
 		t.Errorf("%s count %d, want one dispatch per consumed message (%v)", promDuration, got, consumed)
 	}
-	if got := m.histogramCount(promDuration, with(labels, "outcome", "failure")); got != uint64(failures) {
-		t.Errorf("%s{outcome=failure} count %d, want %d", promDuration, got, failures)
+	if got := m.histogramCount(promDuration, with(labels, "error_type", "http_status")); got != uint64(failures) {
+		t.Errorf("%s{error_type=http_status} count %d, want %d", promDuration, got, failures)
 	}
 	if got, ok := m.value(promInFlight, labels); !ok || got != 0 {
 		t.Errorf("%s = %v (present %t), want 0", promInFlight, got, ok)
