@@ -70,7 +70,6 @@ type Settings struct {
 
 // Session is one connection, one channel and one consumer.
 type Session struct {
-	conn       *amqp.Connection
 	ch         *amqp.Channel
 	pub        *publisher
 	tag        string
@@ -97,12 +96,11 @@ func Open(ctx context.Context, s Settings) (*Session, error) {
 	if err != nil {
 		return nil, err
 	}
-	sess, err := setUp(d.conn, s)
+	sess, err := setUp(d, s)
 	if err != nil {
 		d.conn.Close()
 		return nil, err
 	}
-	sess.dialed = d
 	return sess, nil
 }
 
@@ -155,12 +153,13 @@ func dial(ctx context.Context, url string, s Settings) (*amqp.Connection, error)
 	})
 }
 
-func setUp(conn *amqp.Connection, s Settings) (*Session, error) {
+func setUp(d dialed, s Settings) (*Session, error) {
+	conn := d.conn
 	ch, err := conn.Channel()
 	if err != nil {
 		return nil, fmt.Errorf("open channel: %w", err)
 	}
-	sess := &Session{conn: conn, ch: ch, tag: consumerTag(s.Name)}
+	sess := &Session{dialed: d, ch: ch, tag: consumerTag(s.Name)}
 	sess.closed = ch.NotifyClose(make(chan *amqp.Error, 1))
 	if err := declare(ch, s.Topology); err != nil {
 		return nil, err
