@@ -10,10 +10,13 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net/http"
 	"strings"
+	"time"
 
 	"github.com/luraproject/lura/v2/async"
+	"github.com/luraproject/lura/v2/backoff"
 	luraconfig "github.com/luraproject/lura/v2/config"
 	"github.com/luraproject/lura/v2/encoding"
 	"github.com/luraproject/lura/v2/logging"
@@ -141,6 +144,31 @@ func warnIdleConns(logger logging.Logger, prefix string, workers int) {
 	}
 }
 
+// backoffFor returns the agent's backoff strategy. Lura's jitter
+// strategies share one math/rand.Rand that is not safe for concurrent
+// use, and agents back off concurrently: the same strategies are rebuilt
+// here on Lura's plain ones with a goroutine-safe source. Any other name
+// keeps what Lura chose.
+func backoffFor(strategy string, lura backoff.TimeToWaitBeforeRetry) func(int) time.Duration {
+	switch strings.ToLower(strategy) {
+	case "linear-jitter":
+		return withJitter(backoff.LinearBackoff)
+	case "exponential-jitter":
+		return withJitter(backoff.ExponentialBackoff)
+	}
+	return lura
+}
+
+// withJitter spreads each wait by up to a third either way, as Lura does.
+func withJitter(base backoff.TimeToWaitBeforeRetry) func(int) time.Duration {
+	return func(i int) time.Duration {
+		ms := base(i).Milliseconds()
+		spread := ms/3 + 1
+		ms += rand.Int64N(2*spread) - spread
+		return time.Duration(max(ms, 1)) * time.Millisecond
+	}
+}
+
 // usesParams tells whether a backend's url_pattern (already rewritten by
 // Check) has placeholders.
 func usesParams(backends []*luraconfig.Backend) bool {
@@ -218,7 +246,7 @@ func agentOptions(opts async.Options, cfg config.Config, tlsConfig *tls.Config) 
 		Proxy:           opts.Proxy,
 		Ping:            opts.AgentPing,
 		ShouldContinue:  opts.ShouldContinue,
-		Backoff:         opts.BackoffF,
+		Backoff:         backoffFor(a.Connection.BackoffStrategy, opts.BackoffF),
 		Logger:          opts.Logger,
 	}
 }
