@@ -3,7 +3,6 @@
 package asyncamqp_test
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"io"
@@ -132,7 +131,7 @@ type gateway struct {
 	cancel context.CancelFunc
 	wait   func() error
 	ping   chan string
-	logs   *syncBuffer
+	logs   *brokertest.Buffer
 	done   chan error
 	once   sync.Once
 }
@@ -158,7 +157,7 @@ func startDoc(t *testing.T, config map[string]interface{}) *gateway {
 	if err != nil {
 		t.Fatalf("parse: %v", err)
 	}
-	logs := &syncBuffer{}
+	logs := &brokertest.Buffer{}
 	logger, _ := logging.NewLogger("DEBUG", io.MultiWriter(logs, testWriter{t}), "")
 	server.InitHTTPDefaultTransport(cfg)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -210,23 +209,6 @@ func block(queue, exchange string, over map[string]interface{}) map[string]inter
 		b[k] = v
 	}
 	return b
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 // testWriter shows agent logs with -v only.

@@ -398,13 +398,13 @@ func runGateway(t *testing.T, bin string, args ...string) result {
 // gateway is a running `krakend-amqp run` process.
 type gateway struct {
 	cmd  *exec.Cmd
-	out  *syncBuffer
+	out  *brokertest.Buffer
 	done chan struct{}
 }
 
 func startGateway(t *testing.T, bin string, args ...string) *gateway {
 	t.Helper()
-	g := &gateway{cmd: exec.Command(bin, args...), out: &syncBuffer{}, done: make(chan struct{})}
+	g := &gateway{cmd: exec.Command(bin, args...), out: &brokertest.Buffer{}, done: make(chan struct{})}
 	g.cmd.Stdout, g.cmd.Stderr = g.out, g.out
 	if err := g.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -541,21 +541,4 @@ func (r *recorder) count() int {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return len(r.got)
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
