@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"net/url"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -75,7 +76,7 @@ func stringList(allowEmpty bool, field func(*Config) *[]string) setter {
 func oneOf(allowed []string, field func(*Config) *string) setter {
 	return func(c *Config, v interface{}) error {
 		s, ok := v.(string)
-		if !ok || !contains(allowed, s) {
+		if !ok || !slices.Contains(allowed, s) {
 			return fmt.Errorf("must be one of %q, got %s", allowed, quoteOrType(v))
 		}
 		*field(c) = s
@@ -88,15 +89,6 @@ func quoteOrType(v interface{}) string {
 		return fmt.Sprintf("%q", s)
 	}
 	return typeName(v)
-}
-
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }
 
 var retryFields = map[string]setter{

@@ -2,6 +2,7 @@ package config
 
 import (
 	"fmt"
+	"slices"
 	"sort"
 )
 
@@ -95,7 +96,7 @@ func (c Config) checkQueueArgs() []error {
 
 func enum(allowed ...string) argRule {
 	return func(v interface{}) string {
-		if s, ok := v.(string); ok && contains(allowed, s) {
+		if s, ok := v.(string); ok && slices.Contains(allowed, s) {
 			return ""
 		}
 		return fmt.Sprintf("must be one of %q, got %s", allowed, quoteOrType(v))

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 	"strings"
 	"time"
 
@@ -45,7 +46,7 @@ func (a *Agent) fail(ctx context.Context, pub publisher, d *amqp.Delivery, r res
 	attempt := failedAttempts(d.Headers) + 1
 	retry := a.opts.Retry
 	dead := a.opts.DeadLetter
-	giveUp := attempt >= retry.MaxAttempts || r.status != 0 && contains(dead.Statuses, r.status)
+	giveUp := attempt >= retry.MaxAttempts || r.status != 0 && slices.Contains(dead.Statuses, r.status)
 	var err error
 	outcome := OutcomeRetried
 	switch {
@@ -164,15 +165,6 @@ func statusOf(err error) int {
 		}
 	}
 	return 0
-}
-
-func contains(list []int, v int) bool {
-	for _, x := range list {
-		if x == v {
-			return true
-		}
-	}
-	return false
 }
 
 func truncate(s string, n int) string {
