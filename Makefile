@@ -2,45 +2,84 @@
 # `make test` also needs a RabbitMQ at AMQP_URL and rabbitmqctl on PATH:
 # see README.md, "Testing". CI runs .ci/run, which starts one and then
 # runs `make test` and `make demo`.
+#
+# The repository holds several Go modules: the library (the root, the only
+# one a KrakenD build pulls in) and the tool modules below, tied together
+# for development by go.work. The library is vetted and tested on its own
+# (GOWORK=off), with exactly the versions its go.mod gives a KrakenD build.
 
 GO ?= go
 # The race detector needs cgo; fail clearly if no C compiler is found.
 CGO_ENABLED ?= 1
 export CGO_ENABLED
 
+# The modules besides the library: the gateway, the benchmark, the
+# examples, and the telemetry tests that need the OpenTelemetry SDK.
+TOOL_MODULES := cmd/krakend-amqp bench examples internal/oteltest
+
 FUZZTIME ?= 30s
 # gofmt ships with Go; found through GOROOT even when it is not on PATH.
 GOFMT ?= $(shell $(GO) env GOROOT)/bin/gofmt
+TEST_FLAGS ?= -race -count=1 -tags integration -timeout 20m
 
 .DEFAULT_GOAL := test
-.PHONY: test unit fuzz fmt vet lint
+.PHONY: test unit fuzz fmt vet lint pin tidy
 
-## test: vet (with and without the integration tag), then every test,
-## integration tests included, against the broker at AMQP_URL.
+## test: vet (with and without the integration tag), then every test of
+## every module, integration tests included, against the broker at
+## AMQP_URL. The library's tests include the KrakenD floor check.
 test: vet
-	$(GO) test -race -count=1 -tags integration -timeout 20m ./...
+	GOWORK=off $(GO) test $(TEST_FLAGS) ./...
+	@set -e; for m in $(TOOL_MODULES); do \
+		echo "(cd $$m && $(GO) test $(TEST_FLAGS) ./...)"; \
+		(cd $$m && $(GO) test $(TEST_FLAGS) ./...); \
+	done
 
-## unit: the tests that need no broker.
+## unit: the tests that need no broker, in every module.
 unit:
-	$(GO) test -race ./...
+	GOWORK=off $(GO) test -race ./...
+	@set -e; for m in $(TOOL_MODULES); do (cd $$m && $(GO) test -race ./...); done
 
 ## fuzz: fuzz the driver block parser.
 fuzz:
-	$(GO) test -run XXX -fuzz FuzzParse -fuzztime $(FUZZTIME) ./config
+	GOWORK=off $(GO) test -run XXX -fuzz FuzzParse -fuzztime $(FUZZTIME) ./config
 
 ## fmt: rewrite the Go files in gofmt style.
 fmt:
 	$(GOFMT) -w .
 
-## vet: go vet, with and without the integration build tag.
+## vet: go vet of every module, with and without the integration build
+## tag. Its stdversion check holds the library to the Go of its go.mod.
 vet:
-	$(GO) vet ./...
-	$(GO) vet -tags integration ./...
+	GOWORK=off $(GO) vet ./...
+	GOWORK=off $(GO) vet -tags integration ./...
+	@set -e; for m in $(TOOL_MODULES); do \
+		echo "(cd $$m && $(GO) vet ./... && $(GO) vet -tags integration ./...)"; \
+		(cd $$m && $(GO) vet ./... && $(GO) vet -tags integration ./...); \
+	done
 
 ## lint: fail when a Go file is not gofmt-formatted.
 lint:
 	@out="$$($(GOFMT) -l .)"; \
 	if [ -n "$$out" ]; then echo "not gofmt-formatted (run make fmt):"; echo "$$out"; exit 1; fi
+
+## pin: make the tool modules require the library at its newest commit
+## (see scripts/pin-library.sh); run after committing a library change
+## they use, then commit.
+pin:
+	bash scripts/pin-library.sh
+
+## tidy: go mod tidy in every module. A tool module is tidied against this
+## checkout of the library (a replace added for the run, then removed).
+tidy:
+	GOWORK=off $(GO) mod tidy
+	@set -e; for m in $(TOOL_MODULES); do \
+		rel=$$(echo $$m | sed 's#[^/][^/]*#..#g'); \
+		echo "tidy $$m"; \
+		(cd $$m && $(GO) mod edit -replace=github.com/krakend-contrib/async-amqp=$$rel && \
+		 GOWORK=off $(GO) mod tidy; status=$$?; \
+		 $(GO) mod edit -dropreplace=github.com/krakend-contrib/async-amqp; exit $$status); \
+	done
 
 # The version `krakend-amqp version` reports: the nearest tag and commit
 # (git describe), or "devel" outside a git checkout.

@@ -40,7 +40,26 @@ const LegacyNamespace = config.LegacyNamespace
 // agent does not start; a valid agent runs in opts.G until its context
 // ends. An agent never returns an error into opts.G, which would stop
 // every other agent and the router.
+//
+// StartAgent records on OpenTelemetry's global providers; NewFactory
+// returns the same factory recording on the telemetry a build gives it.
 func StartAgent(ctx context.Context, opts async.Options) bool {
+	return start(ctx, opts, settings{})
+}
+
+// NewFactory returns a factory that behaves as StartAgent, with the given
+// options: the telemetry of the build, for instance.
+func NewFactory(options ...Option) async.Factory {
+	var s settings
+	for _, o := range options {
+		o(&s)
+	}
+	return func(ctx context.Context, opts async.Options) bool {
+		return start(ctx, opts, s)
+	}
+}
+
+func start(ctx context.Context, opts async.Options, s settings) bool {
 	if opts.Agent == nil {
 		return false
 	}
@@ -62,7 +81,9 @@ func StartAgent(ctx context.Context, opts async.Options) bool {
 		logger.Warning(prefix, "tls.insecure_skip_verify is set: the broker's certificate is not verified")
 	}
 	warnIdleConns(logger, prefix, opts.Agent.Consumer.Workers)
-	agent := driver.New(agentOptions(opts, cfg, tlsConfig))
+	agentOpts := agentOptions(opts, cfg, tlsConfig)
+	agentOpts.MeterProvider, agentOpts.TracerProvider, agentOpts.Propagator = s.providers(logger, prefix)
+	agent := driver.New(agentOpts)
 	opts.G.Go(func() error {
 		_ = agent.Run(ctx)
 		return nil

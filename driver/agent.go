@@ -19,6 +19,8 @@ import (
 	"github.com/luraproject/lura/v2/proxy"
 	amqp "github.com/rabbitmq/amqp091-go"
 	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
 	"golang.org/x/time/rate"
 
 	"github.com/krakend-contrib/async-amqp/config"
@@ -61,9 +63,13 @@ type Options struct {
 	// ShutdownTimeout bounds in-flight dispatches at shutdown; 0 means
 	// Timeout.
 	ShutdownTimeout time.Duration
-	// Meter records the agent's metrics; nil means OpenTelemetry's
-	// global meter provider.
-	Meter metric.Meter
+	// MeterProvider records the agent's metrics, TracerProvider its
+	// consumer spans, and Propagator reads the publisher's trace context
+	// from the message headers and writes it into the backend request.
+	// Each one left nil is OpenTelemetry's global one.
+	MeterProvider  metric.MeterProvider
+	TracerProvider trace.TracerProvider
+	Propagator     propagation.TextMapPropagator
 	// URLParams fills the request params ({routing_key}...) for the
 	// backends' url_pattern; without placeholders they are left empty.
 	URLParams      bool
@@ -81,6 +87,7 @@ type Agent struct {
 	limiter *rate.Limiter
 	stats   stats
 	metrics *metrics
+	tracing *tracing
 	// received counts deliveries over the agent's life.
 	received atomic.Int64
 }
@@ -137,7 +144,8 @@ func New(opts Options) *Agent {
 	if a.opts.MaxRate > 0 {
 		a.limiter = rate.NewLimiter(rate.Limit(a.opts.MaxRate), 1)
 	}
-	a.metrics = newMetrics(a.opts.Meter, a.opts.Name, a.opts.Session.Queue)
+	a.metrics = newMetrics(a.opts.MeterProvider, a.opts.Name, a.opts.Session.Queue)
+	a.tracing = newTracing(a.opts.TracerProvider, a.opts.Propagator, a.opts.Name, a.opts.Session.Topology)
 	if p := a.opts.Session.PrefetchCount; p > 0 && p < a.opts.Workers && !a.opts.Session.AutoAck {
 		a.log.Warning(fmt.Sprintf("prefetch_count %d is below consumer.workers %d: only %d workers can have a message at a time", p, a.opts.Workers, p))
 	}
@@ -305,25 +313,38 @@ type batched struct {
 
 func (a *Agent) work(ctx context.Context, sess session) {
 	for d := range sess.Deliveries() {
-		a.metrics.onReceived()
-		a.received.Add(1)
-		if !a.opts.Session.AutoAck && (ctx.Err() != nil || a.wait(ctx) != nil) {
-			a.settle(sess, &d, result{reason: "agent stopping"}, false)
-			continue
-		}
-		if a.opts.Session.AutoAck {
-			_ = a.wait(ctx)
-		}
-		r := a.dispatch(ctx, &d)
-		switch {
-		case a.opts.Session.AutoAck:
-			a.metrics.onSettled(OutcomeAutoAcked)
-		case r.ok || !a.ownsRetries():
-			a.settle(sess, &d, r, a.opts.NackDiscard)
-		default:
-			a.fail(ctx, sess, &d, r)
-		}
+		a.handle(ctx, sess, &d)
 	}
+}
+
+// handle takes one delivery from its dispatch to its ack, nack, retry or
+// dead letter, inside the message's consumer span.
+func (a *Agent) handle(ctx context.Context, sess session, d *amqp.Delivery) {
+	a.metrics.onReceived()
+	a.received.Add(1)
+	ctx, span := a.tracing.begin(ctx, d)
+	outcome, r := a.process(ctx, sess, d)
+	a.tracing.end(span, outcome, r)
+}
+
+// process dispatches a delivery and settles it; it returns the outcome
+// and the dispatch result.
+func (a *Agent) process(ctx context.Context, sess session, d *amqp.Delivery) (string, result) {
+	if a.opts.Session.AutoAck {
+		_ = a.wait(ctx)
+		r := a.dispatch(ctx, d)
+		a.metrics.onSettled(OutcomeAutoAcked)
+		return OutcomeAutoAcked, r
+	}
+	if ctx.Err() != nil || a.wait(ctx) != nil {
+		r := result{reason: "agent stopping"}
+		return a.settle(sess, d, r, false), r
+	}
+	r := a.dispatch(ctx, d)
+	if r.ok || !a.ownsRetries() {
+		return a.settle(sess, d, r, a.opts.NackDiscard), r
+	}
+	return a.fail(ctx, sess, d, r), r
 }
 
 // session is what the workers use of a consumer session.
@@ -358,12 +379,16 @@ func (a *Agent) dispatch(ctx context.Context, d *amqp.Delivery) (r result) {
 	}()
 	start := a.metrics.onDispatch()
 	defer func() { a.metrics.onDispatched(start, r.kind) }()
-	resp, err := a.opts.Proxy(dctx, newRequest(d, a.opts.URLParams))
+	req := newRequest(d, a.opts.URLParams)
+	a.tracing.inject(dctx, req.Headers)
+	resp, err := a.opts.Proxy(dctx, req)
 	discardBody(resp)
 	return judge(resp, err)
 }
 
-func (a *Agent) settle(via interface{}, d *amqp.Delivery, r result, discard bool) {
+// settle acks a handled message and nacks the others, and returns the
+// outcome.
+func (a *Agent) settle(via interface{}, d *amqp.Delivery, r result, discard bool) string {
 	outcome := OutcomeAcked
 	switch {
 	case r.ok:
@@ -372,17 +397,19 @@ func (a *Agent) settle(via interface{}, d *amqp.Delivery, r result, discard bool
 	default:
 		outcome = OutcomeRequeued
 	}
-	a.settleAs(via, d, r, discard, outcome)
+	return a.settleAs(via, d, r, discard, outcome)
 }
 
 // settleAs acks or nacks a delivery and counts its outcome: through the
-// session's settler when via has one, else on the spot.
-func (a *Agent) settleAs(via interface{}, d *amqp.Delivery, r result, discard bool, outcome string) {
+// session's settler when via has one, else on the spot. It returns the
+// outcome.
+func (a *Agent) settleAs(via interface{}, d *amqp.Delivery, r result, discard bool, outcome string) string {
 	if b, ok := via.(batched); ok {
 		b.q.push(d, r.ok, !discard, outcome)
-		return
+		return outcome
 	}
 	a.recordSettle(settle(d, r, discard), outcome)
+	return outcome
 }
 
 // recordSettle counts a message's outcome, or counts it unsettled when

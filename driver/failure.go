@@ -41,8 +41,9 @@ type publisher interface {
 // fail handles a failed dispatch when the driver owns retries: the
 // message is republished to a retry queue (or dead-lettered) and acked
 // only once the broker confirmed the copy. If the copy cannot be made,
-// the message is requeued after a pause, so that nothing spins.
-func (a *Agent) fail(ctx context.Context, pub publisher, d *amqp.Delivery, r result) {
+// the message is requeued after a pause, so that nothing spins. It returns
+// the outcome.
+func (a *Agent) fail(ctx context.Context, pub publisher, d *amqp.Delivery, r result) string {
 	attempt := failedAttempts(d.Headers) + 1
 	retry := a.opts.Retry
 	dead := a.opts.DeadLetter
@@ -53,8 +54,7 @@ func (a *Agent) fail(ctx context.Context, pub publisher, d *amqp.Delivery, r res
 	case giveUp && dead.Broker:
 		a.stats.deadLettered.Add(1)
 		a.stats.lastDeadLetter.Store(r.reason)
-		a.settleAs(pub, d, result{reason: r.reason}, true, OutcomeDeadLettered)
-		return
+		return a.settleAs(pub, d, result{reason: r.reason}, true, OutcomeDeadLettered)
 	case giveUp && dead.Enabled():
 		outcome = OutcomeDeadLettered
 		err = a.deadLetter(ctx, pub, d, attempt, r.reason)
@@ -70,10 +70,9 @@ func (a *Agent) fail(ctx context.Context, pub publisher, d *amqp.Delivery, r res
 		a.stats.copyFailed.Add(1)
 		a.stats.lastCopyError.Store(err.Error())
 		sleep(ctx, min(retry.Delay, 5*time.Second))
-		a.settle(pub, d, result{reason: r.reason}, false)
-		return
+		return a.settle(pub, d, result{reason: r.reason}, false)
 	}
-	a.settleAs(pub, d, result{ok: true}, false, outcome)
+	return a.settleAs(pub, d, result{ok: true}, false, outcome)
 }
 
 func (a *Agent) retry(ctx context.Context, pub publisher, d *amqp.Delivery, attempt int, reason string, delay time.Duration) error {

@@ -8,6 +8,7 @@ import (
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/metric/noop"
 )
 
 // Scope is the OpenTelemetry instrumentation scope of the driver.
@@ -45,10 +46,14 @@ type metrics struct {
 	connected atomic.Int64
 }
 
-func newMetrics(meter metric.Meter, agent, queue string) *metrics {
-	if meter == nil {
-		meter = otel.GetMeterProvider().Meter(Scope)
+func newMetrics(provider metric.MeterProvider, agent, queue string) *metrics {
+	if provider == nil {
+		provider = otel.GetMeterProvider()
 	}
+	if provider == nil { // a global set to nil
+		provider = noop.NewMeterProvider()
+	}
+	meter := provider.Meter(Scope)
 	base := []attribute.KeyValue{
 		attribute.String("messaging.system", "rabbitmq"),
 		attribute.String("messaging.destination.name", queue),

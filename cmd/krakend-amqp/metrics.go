@@ -13,11 +13,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
-	"go.opentelemetry.io/otel"
-	"go.opentelemetry.io/otel/attribute"
 	otelprom "go.opentelemetry.io/otel/exporters/prometheus"
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
-	"go.opentelemetry.io/otel/sdk/resource"
 )
 
 // metricsNamespace is the service-level extra_config block that turns the
@@ -73,10 +70,9 @@ func metricsAddress(extra luraconfig.ExtraConfig) (string, error) {
 }
 
 // metricsServer serves the agents' OpenTelemetry metrics in Prometheus's
-// text format. It owns an OpenTelemetry MeterProvider, made the global
-// one so that the driver (which uses the global provider) records into
-// it, and a private Prometheus registry holding that provider's exporter
-// and the Go and process collectors.
+// text format. It owns an OpenTelemetry MeterProvider, given to the
+// driver, and a private Prometheus registry holding that provider's
+// exporter and the Go and process collectors.
 type metricsServer struct {
 	addr     string
 	provider *sdkmetric.MeterProvider
@@ -84,9 +80,9 @@ type metricsServer struct {
 	served   chan error
 }
 
-// startMetrics listens on addr and sets the global MeterProvider. It must
-// run before the agents start: each agent creates its instruments when it
-// is built. A listen failure is returned, and nothing is left running.
+// startMetrics listens on addr and builds the MeterProvider. It must run
+// before the agents start: each agent creates its instruments when it is
+// built. A listen failure is returned, and nothing is left running.
 func startMetrics(addr string) (*metricsServer, error) {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -94,18 +90,11 @@ func startMetrics(addr string) (*metricsServer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("metrics: Prometheus exporter: %w", err)
 	}
-	res, err := resource.New(context.Background(),
-		resource.WithAttributes(attribute.String("service.name", "krakend-amqp")),
-		resource.WithFromEnv(), // OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win
-		resource.WithTelemetrySDK())
-	if err != nil {
-		res = resource.Default()
-	}
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("metrics: cannot listen on %s: %w", addr, err)
 	}
-	provider := sdkmetric.NewMeterProvider(sdkmetric.WithReader(exporter), sdkmetric.WithResource(res))
+	provider := sdkmetric.NewMeterProvider(sdkmetric.WithReader(exporter), sdkmetric.WithResource(serviceResource()))
 	mux := http.NewServeMux()
 	mux.Handle("GET "+metricsPath, promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	m := &metricsServer{
@@ -115,7 +104,6 @@ func startMetrics(addr string) (*metricsServer, error) {
 		served:   make(chan error, 1),
 	}
 	go func() { m.served <- m.server.Serve(ln) }()
-	otel.SetMeterProvider(provider)
 	return m, nil
 }
 

@@ -17,6 +17,7 @@ import (
 	"github.com/luraproject/lura/v2/proxy"
 	luragin "github.com/luraproject/lura/v2/router/gin"
 	"github.com/luraproject/lura/v2/transport/http/server"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"golang.org/x/sync/errgroup"
 
 	asyncamqp "github.com/krakend-contrib/async-amqp"
@@ -78,30 +79,22 @@ func runCommand(ctx context.Context, args []string, stdout, stderr io.Writer) in
 }
 
 // serveUntilSignal runs the gateway until a signal, and turns its end into
-// an exit code. With a metrics address, the metrics endpoint and the
-// global MeterProvider are set up before any agent starts, and shut down
-// after every agent has stopped.
+// an exit code. The telemetry (the metrics endpoint with its
+// MeterProvider, the OTLP tracer provider) is set up before any agent
+// starts, and shut down after every agent has stopped.
 func serveUntilSignal(ctx context.Context, cfg luraconfig.ServiceConfig, logger logging.Logger, metricsAddr string, stdout, stderr io.Writer) int {
 	ctx, stop := withSignals(ctx, logger)
 	defer stop()
 	v := versions()
 	logger.Info(logPrefix, "starting krakend-amqp", v.gateway, "on Lura", v.lura, "with", plural(len(cfg.Endpoints), "endpoint"), "and", plural(len(cfg.AsyncAgents), "async agent"))
-	var metrics *metricsServer
-	if metricsAddr != "" {
-		var err error
-		if metrics, err = startMetrics(metricsAddr); err != nil {
-			logger.Error(logPrefix, err)
-			fmt.Fprintln(stderr, "krakend-amqp run:", err)
-			return exitFailure
-		}
-		logger.Info(logPrefix, fmt.Sprintf("metrics for Prometheus on http://%s%s", metrics.addr, metricsPath))
+	tel, stopTelemetry, err := startTelemetry(ctx, metricsAddr, logger)
+	if err != nil {
+		logger.Error(logPrefix, err)
+		fmt.Fprintln(stderr, "krakend-amqp run:", err)
+		return exitFailure
 	}
-	err := serve(ctx, cfg, logger, stdout)
-	if metrics != nil {
-		if stopErr := metrics.stop(); stopErr != nil {
-			logger.Warning(logPrefix, "stopping the metrics endpoint:", stopErr)
-		}
-	}
+	err = serve(ctx, cfg, logger, stdout, tel)
+	stopTelemetry()
 	if err != nil {
 		logger.Error(logPrefix, err)
 		fmt.Fprintln(stderr, "krakend-amqp run:", err)
@@ -109,6 +102,50 @@ func serveUntilSignal(ctx context.Context, cfg luraconfig.ServiceConfig, logger 
 	}
 	logger.Info(logPrefix, "stopped")
 	return exitOK
+}
+
+// startTelemetry starts the metrics endpoint when there is an address,
+// and the OTLP trace export when the OTEL_* variables ask for it. It
+// returns the telemetry to give the agents, made global too, and a
+// function that stops what it started.
+func startTelemetry(ctx context.Context, metricsAddr string, logger logging.Logger) (telemetry, func(), error) {
+	tel := telemetry{propagator: newPropagator()}
+	export, err := traceExportFromEnv(os.Getenv)
+	if err != nil {
+		return tel, nil, err
+	}
+	var metrics *metricsServer
+	if metricsAddr != "" {
+		if metrics, err = startMetrics(metricsAddr); err != nil {
+			return tel, nil, err
+		}
+		tel.meters = metrics.provider
+		logger.Info(logPrefix, fmt.Sprintf("metrics for Prometheus on http://%s%s", metrics.addr, metricsPath))
+	}
+	var tracer *sdktrace.TracerProvider
+	if export.on {
+		if tracer, err = startTracing(ctx, export); err != nil {
+			if metrics != nil {
+				_ = metrics.stop()
+			}
+			return tel, nil, err
+		}
+		tel.tracers = tracer
+		logger.Info(logPrefix, "exporting traces over OTLP", export.protocol)
+	}
+	tel.setGlobal()
+	return tel, func() {
+		if metrics != nil {
+			if err := metrics.stop(); err != nil {
+				logger.Warning(logPrefix, "stopping the metrics endpoint:", err)
+			}
+		}
+		if tracer != nil {
+			if err := stopTracing(tracer); err != nil {
+				logger.Warning(logPrefix, "sending the last spans:", err)
+			}
+		}
+	}, nil
 }
 
 // withSignals returns a context cancelled by the first SIGINT or SIGTERM.
@@ -135,7 +172,7 @@ func withSignals(parent context.Context, logger logging.Logger) (context.Context
 // agents, which finish their messages in flight before serve returns. An
 // HTTP server that cannot run (a port in use) is an error, and stops the
 // agents too.
-func serve(ctx context.Context, cfg luraconfig.ServiceConfig, logger logging.Logger, accessLog io.Writer) error {
+func serve(ctx context.Context, cfg luraconfig.ServiceConfig, logger logging.Logger, accessLog io.Writer, tel telemetry) error {
 	server.InitHTTPDefaultTransportWithLogger(cfg, logger)
 	pf := proxy.DefaultFactory(logger)
 	// Agents ping with their name; the engine's /__health lists each one
@@ -157,7 +194,7 @@ func serve(ctx context.Context, cfg luraconfig.ServiceConfig, logger logging.Log
 	g, gctx := errgroup.WithContext(ctx)
 	agentsCtx, stopAgents := context.WithCancel(gctx)
 	defer stopAgents()
-	starter := async.AgentStarter{asyncamqp.StartAgent}
+	starter := async.AgentStarter{asyncamqp.NewFactory(asyncamqp.WithTelemetry(tel))}
 	startAgents := func() func() error {
 		return starter.Start(agentsCtx, cfg.AsyncAgents, logger, agentPing, pf)
 	}

@@ -1,0 +1,174 @@
+package driver
+
+import (
+	"context"
+	"net/http"
+	"strings"
+
+	amqp "github.com/rabbitmq/amqp091-go"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
+	tracenoop "go.opentelemetry.io/otel/trace/noop"
+
+	"github.com/krakend-contrib/async-amqp/consumer"
+)
+
+// Span attributes of the consumer span beyond the OpenTelemetry messaging
+// conventions.
+const (
+	// AttrOutcome is what became of the message: one of the Outcome
+	// values (acked, retried, dead_lettered...).
+	AttrOutcome = "krakend.amqp.outcome"
+	// AttrAttempt is the number of this dispatch of the message, as in
+	// the X-Amqp-Attempt request header.
+	AttrAttempt = "krakend.amqp.attempt"
+	// AttrAgent names the async agent, as on the metrics.
+	AttrAgent = "krakend.async_agent"
+)
+
+// tracing starts one consumer span per message, as a child of the trace
+// context the publisher put in the message headers (W3C traceparent,
+// tracestate and baggage, through the propagator), and hands that span to
+// the backend pipeline in the dispatch context.
+type tracing struct {
+	tracer     trace.Tracer
+	propagator propagation.TextMapPropagator
+	// name and start are built once: span names and options built per
+	// message would allocate on the hot path even with no tracer.
+	name  string
+	start []trace.SpanStartOption
+}
+
+func newTracing(tp trace.TracerProvider, p propagation.TextMapPropagator, agent string, t consumer.Topology) *tracing {
+	if tp == nil {
+		tp = otel.GetTracerProvider()
+	}
+	if tp == nil { // a global set to nil
+		tp = tracenoop.NewTracerProvider()
+	}
+	if p == nil {
+		p = otel.GetTextMapPropagator()
+	}
+	if p == nil {
+		p = propagation.NewCompositeTextMapPropagator()
+	}
+	// The conventions name a span after its operation and destination,
+	// the exchange for RabbitMQ; the queue stands in for the default one.
+	destination := t.Exchange
+	if destination == "" {
+		destination = t.Queue
+	}
+	return &tracing{
+		tracer:     tp.Tracer(Scope),
+		propagator: p,
+		name:       "process " + destination,
+		start: []trace.SpanStartOption{
+			trace.WithSpanKind(trace.SpanKindConsumer),
+			trace.WithAttributes(
+				attribute.String("messaging.system", "rabbitmq"),
+				attribute.String("messaging.operation.type", "process"),
+				attribute.String("messaging.operation.name", "process"),
+				attribute.String("messaging.destination.subscription.name", t.Queue),
+				attribute.String(AttrAgent, agent),
+			),
+		},
+	}
+}
+
+// begin starts the consumer span of a delivery. Its parent is the trace
+// context read from the message headers, if any.
+func (t *tracing) begin(ctx context.Context, d *amqp.Delivery) (context.Context, trace.Span) {
+	ctx = t.propagator.Extract(ctx, tableCarrier(d.Headers))
+	ctx, span := t.tracer.Start(ctx, t.name, t.start...)
+	if !span.IsRecording() {
+		return ctx, span
+	}
+	exchange, key := origin(d)
+	attrs := []attribute.KeyValue{
+		attribute.String("messaging.destination.name", exchange),
+		attribute.Int("messaging.message.body.size", len(d.Body)),
+		attribute.Int64("messaging.rabbitmq.message.delivery_tag", int64(d.DeliveryTag)),
+		attribute.Int(AttrAttempt, failedAttempts(d.Headers)+1),
+	}
+	if key != "" {
+		attrs = append(attrs, attribute.String("messaging.rabbitmq.destination.routing_key", key))
+	}
+	if d.MessageId != "" {
+		attrs = append(attrs, attribute.String("messaging.message.id", d.MessageId))
+	}
+	if d.CorrelationId != "" {
+		attrs = append(attrs, attribute.String("messaging.message.conversation_id", d.CorrelationId))
+	}
+	span.SetAttributes(attrs...)
+	return ctx, span
+}
+
+// end records what became of the message and ends its span. A message
+// that was not acked carries the reason of its failed dispatch.
+func (t *tracing) end(span trace.Span, outcome string, r result) {
+	if span.IsRecording() {
+		span.SetAttributes(attribute.String(AttrOutcome, outcome))
+		if !r.ok {
+			kind := r.kind
+			if kind == "" {
+				kind = "error"
+			}
+			span.SetAttributes(attribute.String("error.type", kind))
+			span.SetStatus(codes.Error, r.reason)
+		}
+	}
+	span.End()
+}
+
+// inject writes the dispatch's trace context into the backend request
+// headers (traceparent...), so that a backend continues the publisher's
+// trace even when nothing in the pipeline injects one. A pipeline that
+// instruments its HTTP client replaces them with its own client span's.
+func (t *tracing) inject(ctx context.Context, headers map[string][]string) {
+	if !trace.SpanContextFromContext(ctx).IsValid() {
+		return
+	}
+	t.propagator.Inject(ctx, propagation.HeaderCarrier(http.Header(headers)))
+}
+
+// tableCarrier reads a trace context from AMQP message headers. Names are
+// matched exactly first, then regardless of case, since publishers write
+// both "traceparent" and "Traceparent". Values that are not text are
+// ignored; the propagator validates the rest.
+type tableCarrier amqp.Table
+
+func (c tableCarrier) Get(key string) string {
+	if v, ok := c[key]; ok {
+		return text(v)
+	}
+	for k, v := range c {
+		if strings.EqualFold(k, key) {
+			return text(v)
+		}
+	}
+	return ""
+}
+
+// Set is never used: the driver reads trace context from messages only.
+func (c tableCarrier) Set(string, string) {}
+
+func (c tableCarrier) Keys() []string {
+	keys := make([]string, 0, len(c))
+	for k := range c {
+		keys = append(keys, k)
+	}
+	return keys
+}
+
+func text(v interface{}) string {
+	switch s := v.(type) {
+	case string:
+		return s
+	case []byte:
+		return string(s)
+	}
+	return ""
+}
