@@ -23,12 +23,12 @@ GOFMT ?= $(shell $(GO) env GOROOT)/bin/gofmt
 TEST_FLAGS ?= -race -count=1 -tags integration -timeout 20m
 
 .DEFAULT_GOAL := test
-.PHONY: test unit fuzz fmt vet lint pin tidy
+.PHONY: test unit fuzz fmt vet lint pin check-pin tidy
 
-## test: vet (with and without the integration tag), then every test of
-## every module, integration tests included, against the broker at
-## AMQP_URL. The library's tests include the KrakenD floor check.
-test: vet
+## test: vet (with and without the integration tag), check-pin, then
+## every test of every module, integration tests included, against the
+## broker at AMQP_URL. The library's tests include the KrakenD floor check.
+test: vet check-pin
 	GOWORK=off $(GO) test $(TEST_FLAGS) ./...
 	@set -e; for m in $(TOOL_MODULES); do \
 		echo "(cd $$m && $(GO) test $(TEST_FLAGS) ./...)"; \
@@ -68,6 +68,11 @@ lint:
 ## they use, then commit.
 pin:
 	bash scripts/pin-library.sh
+
+## check-pin: every tool module builds against the library version it
+## requires (a worktree of that commit), as go install would build it.
+check-pin:
+	bash scripts/check-pin.sh
 
 ## tidy: go mod tidy in every module. A tool module is tidied against this
 ## checkout of the library (a replace added for the run, then removed).

@@ -3,6 +3,11 @@
 // other AMQP factory, and every async_agent whose extra_config holds an
 // "async/amqp" block (or KrakenD's legacy key) consumes its RabbitMQ queue
 // and pushes each message through the agent's backend pipeline.
+//
+// StartAgent records metrics and traces on OpenTelemetry's globals. A
+// build that keeps its telemetry elsewhere, as KrakenD does, uses the
+// factory of NewFactory instead, with WithTelemetryFrom(state.GlobalState)
+// in KrakenD CE.
 package asyncamqp
 
 import (

@@ -13,6 +13,9 @@ import (
 	luraconfig "github.com/luraproject/lura/v2/config"
 	"github.com/luraproject/lura/v2/logging"
 	"github.com/luraproject/lura/v2/proxy"
+	metricnoop "go.opentelemetry.io/otel/metric/noop"
+	"go.opentelemetry.io/otel/propagation"
+	tracenoop "go.opentelemetry.io/otel/trace/noop"
 	"golang.org/x/sync/errgroup"
 
 	asyncamqp "github.com/krakend-contrib/async-amqp"
@@ -512,6 +515,37 @@ func ExampleStartAgent() {
 
 	starter := async.AgentStarter{asyncamqp.StartAgent}
 	wait := starter.Start(ctx, cfg.AsyncAgents, logger, agentPing, proxy.DefaultFactory(logger))
+	if err := wait(); err != nil {
+		fmt.Println(err)
+	}
+}
+
+// A build that keeps its OpenTelemetry providers to itself, as KrakenD
+// does in krakend-otel's state, gives them to the driver; a KrakenD CE
+// build passes its getter: NewFactory(WithTelemetryFrom(state.GlobalState)).
+// Whatever is not given is OpenTelemetry's global. (Not run: it needs a
+// krakend.json and a broker.)
+func ExampleNewFactory() {
+	cfg, err := luraconfig.NewParser().Parse("krakend.json")
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	logger, _ := logging.NewLogger("INFO", nil, "[KRAKEND]")
+	ctx, stop := context.WithCancel(context.Background())
+	defer stop()
+
+	// In a real build: the SDK providers the build exports with.
+	meters := metricnoop.NewMeterProvider()
+	tracers := tracenoop.NewTracerProvider()
+	factory := asyncamqp.NewFactory(
+		asyncamqp.WithMeterProvider(meters),
+		asyncamqp.WithTracerProvider(tracers),
+		asyncamqp.WithPropagator(propagation.NewCompositeTextMapPropagator(propagation.TraceContext{}, propagation.Baggage{})),
+	)
+
+	agentPing := make(chan string, len(cfg.AsyncAgents))
+	wait := async.AgentStarter{factory}.Start(ctx, cfg.AsyncAgents, logger, agentPing, proxy.DefaultFactory(logger))
 	if err := wait(); err != nil {
 		fmt.Println(err)
 	}

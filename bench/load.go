@@ -27,6 +27,9 @@ type broker struct {
 	exchange string        // a durable topic exchange, unique to this invocation
 	prefix   string        // of every queue name of this invocation
 	size     int           // message body bytes
+	// traceparent gives each message a W3C traceparent header, as a
+	// traced publisher does.
+	traceparent bool
 }
 
 func dialBroker(url string, size int) (*broker, error) {
@@ -110,10 +113,15 @@ func (b *broker) preload(ctx context.Context, queue string, n int) error {
 // message is one persistent JSON message; ts, when not 0, stamps the
 // publish time for the latency measure.
 func (b *broker) message(id int, ts int64) amqp.Publishing {
-	return amqp.Publishing{
+	msg := amqp.Publishing{
 		ContentType: "application/json", DeliveryMode: amqp.Persistent,
 		MessageId: strconv.Itoa(id), Body: messageBody(id, ts, b.size),
 	}
+	if b.traceparent {
+		// A trace of its own per message, sampled.
+		msg.Headers = amqp.Table{"traceparent": fmt.Sprintf("00-%032x-%016x-01", id+1, id+1)}
+	}
+	return msg
 }
 
 // messageBody is a JSON object of exactly size bytes (or just longer, when

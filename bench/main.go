@@ -16,7 +16,11 @@
 //	             encoding; floor-json: Lura's default json encoding)
 //	(a) ours     this driver, started as KrakenD starts agents
 //	             (async.AgentStarter, Lura's default proxy factory, the
-//	             gateway's HTTP transport); ours-json on request
+//	             gateway's HTTP transport), no tracer (OpenTelemetry's
+//	             global no-op); on request ours-json, and ours-traced:
+//	             given an SDK tracer provider that samples every message
+//	             (batch processor, spans discarded) and the W3C propagator;
+//	             -traceparent makes the messages carry a traceparent
 //
 // It also measures the end-to-end latency of (a) at a fixed publish rate
 // and, with -rss, the resident memory of (a) after 10,000 and 100,000
@@ -55,6 +59,7 @@ type options struct {
 	latencyRate            int
 	latencySeconds         float64
 	rss                    bool
+	traceparent            bool
 	out, amqpURL           string
 	logLevel               string
 }
@@ -91,6 +96,7 @@ func parseFlags(args []string) (options, error) {
 	fs.IntVar(&o.latencyRate, "latency-rate", 1000, "publish rate of the latency run, messages per second")
 	fs.Float64Var(&o.latencySeconds, "latency-seconds", 10, "length of the latency run (0: skip it)")
 	fs.BoolVar(&o.rss, "rss", false, "also measure resident memory of (a) after 10,000 and 100,000 messages")
+	fs.BoolVar(&o.traceparent, "traceparent", false, "publish every message with a W3C traceparent header, as a traced publisher does")
 	fs.StringVar(&o.out, "out", "", "append the results to `file` too")
 	fs.StringVar(&o.amqpURL, "amqp", "", "RabbitMQ `URL` (default $AMQP_URL, else amqp://guest:guest@127.0.0.1:5672/)")
 	fs.StringVar(&o.logLevel, "log", "WARNING", "Lura log level of the agents and proxies (to stderr)")
@@ -185,6 +191,7 @@ func run(o options) error {
 		return err
 	}
 	defer b.close()
+	b.traceparent = o.traceparent
 	be, err := startBackend()
 	if err != nil {
 		return err
@@ -356,8 +363,8 @@ func writeHeader(w io.Writer, o options, b *broker) {
 	fmt.Fprintf(w, "%s %s/%s, nproc %d, GOMAXPROCS %d, %s at %s, load average %s\n",
 		runtime.Version(), runtime.GOOS, runtime.GOARCH, runtime.NumCPU(), runtime.GOMAXPROCS(0),
 		b.version(), redact(o.amqpURL), loadavg())
-	fmt.Fprintf(w, "flags: -messages %d -runs %d -size %d -points %s -only %q -latency-rate %d -latency-seconds %g -rss=%t",
-		o.messages, o.runs, o.size, pointsString(o.points), onlyString(o.only), o.latencyRate, o.latencySeconds, o.rss)
+	fmt.Fprintf(w, "flags: -messages %d -runs %d -size %d -points %s -only %q -latency-rate %d -latency-seconds %g -rss=%t -traceparent=%t",
+		o.messages, o.runs, o.size, pointsString(o.points), onlyString(o.only), o.latencyRate, o.latencySeconds, o.rss, o.traceparent)
 	if o.cpuProfile != "" || o.memProfile != "" {
 		fmt.Fprintf(w, " -cpuprofile %q -memprofile %q (the first run of (a) is profiled)", o.cpuProfile, o.memProfile)
 	}

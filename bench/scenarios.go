@@ -48,8 +48,9 @@ var scenarios = []scenario{
 	{name: "http", label: "(c) amqp091 + net/http", run: runHTTP},
 	{name: "floor", label: "(b) amqp091 + Lura no-op", run: runFloor("no-op")},
 	{name: "floor-json", label: "(b) amqp091 + Lura json", run: runFloor("")},
-	{name: "ours", label: "(a) ours, no-op", run: runOurs("no-op"), floor: "floor"},
-	{name: "ours-json", label: "(a) ours, json", run: runOurs(""), floor: "floor-json", optional: true},
+	{name: "ours", label: "(a) ours, no-op", run: runOurs("no-op", false), floor: "floor"},
+	{name: "ours-json", label: "(a) ours, json", run: runOurs("", false), floor: "floor-json", optional: true},
+	{name: "ours-traced", label: "(a) ours, no-op, traced", run: runOurs("no-op", true), floor: "floor", optional: true},
 }
 
 // dispatchTimeout is the agents' consumer.timeout, and the floor's.
@@ -226,7 +227,8 @@ func runFloor(encoding string) func(context.Context, *env, point, string, int) (
 
 // runOurs is (a): the driver, started as KrakenD starts agents; done when
 // the backend saw n requests and nothing is left ready in the queue.
-func runOurs(encoding string) func(context.Context, *env, point, string, int) (outcome, error) {
+// traced gives it a tracer provider that records every span.
+func runOurs(encoding string, traced bool) func(context.Context, *env, point, string, int) (outcome, error) {
 	return func(ctx context.Context, e *env, p point, queue string, n int) (outcome, error) {
 		cfg, err := e.luraConfig(queue, p, encoding)
 		if err != nil {
@@ -238,8 +240,13 @@ func runOurs(encoding string) func(context.Context, *env, point, string, int) (o
 		if err != nil {
 			return outcome{}, err
 		}
+		factory, stopTracing := asyncamqp.StartAgent, func() {}
+		if traced {
+			factory, stopTracing = tracedFactory()
+		}
+		defer stopTracing()
 		m := startMeter()
-		stop, err := e.startAgent(cfg)
+		stop, err := e.startAgent(cfg, factory)
 		startup := time.Since(m.start)
 		if err == nil {
 			err = e.waitDrained(ctx, queue, n)
@@ -254,10 +261,10 @@ func runOurs(encoding string) func(context.Context, *env, point, string, int) (o
 // startAgent starts the agents of cfg exactly as a KrakenD gateway does,
 // waits until the first one consumes (its first health ping) and returns
 // the function that stops them.
-func (e *env) startAgent(cfg luraconfig.ServiceConfig) (stop func() error, err error) {
+func (e *env) startAgent(cfg luraconfig.ServiceConfig, factory async.Factory) (stop func() error, err error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	ping := make(chan string, 1)
-	wait := async.AgentStarter{asyncamqp.StartAgent}.Start(ctx, cfg.AsyncAgents, e.logger, ping, proxy.DefaultFactory(e.logger))
+	wait := async.AgentStarter{factory}.Start(ctx, cfg.AsyncAgents, e.logger, ping, proxy.DefaultFactory(e.logger))
 	stop = func() error {
 		cancel()
 		return wait()
@@ -349,7 +356,7 @@ func (e *env) latency(ctx context.Context, rate int, d time.Duration) (latencyRe
 	if err := e.backend.reset(ctx); err != nil {
 		return latencyReport{}, 0, err
 	}
-	stop, err := e.startAgent(cfg)
+	stop, err := e.startAgent(cfg, asyncamqp.StartAgent)
 	if err != nil {
 		return latencyReport{}, 0, errors.Join(err, stop())
 	}
@@ -416,7 +423,7 @@ func (e *env) memory(ctx context.Context) (memory, error) {
 	if m.before, err = rss(); err != nil {
 		return m, err
 	}
-	stop, err := e.startAgent(cfg)
+	stop, err := e.startAgent(cfg, asyncamqp.StartAgent)
 	if err != nil {
 		return m, errors.Join(err, stop())
 	}

@@ -283,9 +283,6 @@ func (a *Agent) drain(sess *consumer.Session, done <-chan struct{}) {
 	}
 }
 
-// work handles deliveries until the channel closes. After shutdown has
-// begun, messages not yet dispatched are handed back (nack with requeue),
-// except with auto_ack, where the broker has already forgotten them.
 // consume runs the workers on a session until its deliveries end; acks
 // go through one settler per session (see acks.go).
 func (a *Agent) consume(ctx context.Context, sess session, workers int) {
@@ -311,6 +308,9 @@ type batched struct {
 	q *acks
 }
 
+// work handles deliveries until the channel closes. After shutdown has
+// begun, messages not yet dispatched are handed back (nack with requeue),
+// except with auto_ack, where the broker has already forgotten them.
 func (a *Agent) work(ctx context.Context, sess session) {
 	for d := range sess.Deliveries() {
 		a.handle(ctx, sess, &d)
@@ -324,7 +324,7 @@ func (a *Agent) handle(ctx context.Context, sess session, d *amqp.Delivery) {
 	a.received.Add(1)
 	ctx, span := a.tracing.begin(ctx, d)
 	outcome, r := a.process(ctx, sess, d)
-	a.tracing.end(span, outcome, r)
+	a.tracing.end(span, d, outcome, r)
 }
 
 // process dispatches a delivery and settles it; it returns the outcome

@@ -82,17 +82,35 @@ func newTracing(tp trace.TracerProvider, p propagation.TextMapPropagator, agent 
 // context read from the message headers, if any.
 func (t *tracing) begin(ctx context.Context, d *amqp.Delivery) (context.Context, trace.Span) {
 	ctx = t.propagator.Extract(ctx, tableCarrier(d.Headers))
-	ctx, span := t.tracer.Start(ctx, t.name, t.start...)
-	if !span.IsRecording() {
-		return ctx, span
+	return t.tracer.Start(ctx, t.name, t.start...)
+}
+
+// end records the message and what became of it, and ends its span. A
+// failed dispatch sets the error status with its reason; a message handed
+// back undispatched at shutdown is no error. The attributes are set once,
+// here, and only on a span that records: a sampler sees those of start.
+func (t *tracing) end(span trace.Span, d *amqp.Delivery, outcome string, r result) {
+	if span.IsRecording() {
+		span.SetAttributes(messageAttributes(d, outcome, r)...)
+		if !r.ok && r.kind != "" {
+			span.SetStatus(codes.Error, r.reason)
+		}
 	}
+	span.End()
+}
+
+// messageAttributes are the span attributes of one message, following the
+// messaging conventions for RabbitMQ.
+func messageAttributes(d *amqp.Delivery, outcome string, r result) []attribute.KeyValue {
 	exchange, key := origin(d)
-	attrs := []attribute.KeyValue{
+	attrs := make([]attribute.KeyValue, 0, 9)
+	attrs = append(attrs,
 		attribute.String("messaging.destination.name", exchange),
 		attribute.Int("messaging.message.body.size", len(d.Body)),
 		attribute.Int64("messaging.rabbitmq.message.delivery_tag", int64(d.DeliveryTag)),
 		attribute.Int(AttrAttempt, failedAttempts(d.Headers)+1),
-	}
+		attribute.String(AttrOutcome, outcome),
+	)
 	if key != "" {
 		attrs = append(attrs, attribute.String("messaging.rabbitmq.destination.routing_key", key))
 	}
@@ -102,25 +120,10 @@ func (t *tracing) begin(ctx context.Context, d *amqp.Delivery) (context.Context,
 	if d.CorrelationId != "" {
 		attrs = append(attrs, attribute.String("messaging.message.conversation_id", d.CorrelationId))
 	}
-	span.SetAttributes(attrs...)
-	return ctx, span
-}
-
-// end records what became of the message and ends its span. A message
-// that was not acked carries the reason of its failed dispatch.
-func (t *tracing) end(span trace.Span, outcome string, r result) {
-	if span.IsRecording() {
-		span.SetAttributes(attribute.String(AttrOutcome, outcome))
-		if !r.ok {
-			kind := r.kind
-			if kind == "" {
-				kind = "error"
-			}
-			span.SetAttributes(attribute.String("error.type", kind))
-			span.SetStatus(codes.Error, r.reason)
-		}
+	if !r.ok && r.kind != "" {
+		attrs = append(attrs, attribute.String("error.type", r.kind))
 	}
-	span.End()
+	return attrs
 }
 
 // inject writes the dispatch's trace context into the backend request

@@ -404,8 +404,18 @@ type gateway struct {
 
 func startGateway(t *testing.T, bin string, args ...string) *gateway {
 	t.Helper()
+	return startGatewayWith(t, nil, bin, args...)
+}
+
+// startGatewayWith starts the gateway with variables added to the
+// environment.
+func startGatewayWith(t *testing.T, env []string, bin string, args ...string) *gateway {
+	t.Helper()
 	g := &gateway{cmd: exec.Command(bin, args...), out: &brokertest.Buffer{}, done: make(chan struct{})}
 	g.cmd.Stdout, g.cmd.Stderr = g.out, g.out
+	if env != nil {
+		g.cmd.Env = append(os.Environ(), env...)
+	}
 	if err := g.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
