@@ -40,9 +40,13 @@ unit:
 	GOWORK=off $(GO) test -race ./...
 	@set -e; for m in $(TOOL_MODULES); do (cd $$m && $(GO) test -race ./...); done
 
-## fuzz: fuzz the driver block parser.
+## fuzz: run each fuzz target for FUZZTIME: the driver block parser, the
+## message-to-request mapping and the failure decision. (make test runs
+## them over their seed corpus.)
 fuzz:
-	GOWORK=off $(GO) test -run XXX -fuzz FuzzParse -fuzztime $(FUZZTIME) ./config
+	GOWORK=off $(GO) test -run XXX -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) ./config
+	GOWORK=off $(GO) test -run XXX -fuzz '^FuzzRequest$$' -fuzztime $(FUZZTIME) ./driver
+	GOWORK=off $(GO) test -run XXX -fuzz '^FuzzFailure$$' -fuzztime $(FUZZTIME) ./driver
 
 ## fmt: rewrite the Go files in gofmt style.
 fmt:

@@ -599,8 +599,9 @@ func TestNoDeadLetterKeepsRetryingAtMaxDelay(t *testing.T) {
 	}
 	p := log.of("poison")
 	for i, d := range p {
-		if d.attempt != strconv.Itoa(i+1) {
-			t.Errorf("dispatch %d has X-Amqp-Attempt %q, want %d: attempts keep counting", i+1, d.attempt, i+1)
+		// The attempt the driver uses stays within 1..max_attempts.
+		if want := strconv.Itoa(min(i+1, 2)); d.attempt != want {
+			t.Errorf("dispatch %d has X-Amqp-Attempt %q, want %s", i+1, d.attempt, want)
 		}
 	}
 	// 50ms before the bound, max_delay (300ms) after it.

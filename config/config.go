@@ -268,11 +268,11 @@ func (r Retry) RetryDelays() []time.Duration {
 	}
 }
 
-// DelayFor is the wait before the retry that follows failed attempt n
-// (n >= 1).
+// DelayFor is the wait before the retry that follows failed attempt n;
+// n below 1 counts as 1.
 func (r Retry) DelayFor(n int) time.Duration {
 	delays := r.RetryDelays()
-	return delays[min(n, len(delays))-1]
+	return delays[min(max(n, 1), len(delays))-1]
 }
 
 // MaxRetryQueues bounds how many retry queues one policy may need.

@@ -88,6 +88,9 @@ type Agent struct {
 	stats   stats
 	metrics *metrics
 	tracing *tracing
+	// retryQueues names the agent's retry queues: a message that comes
+	// back from one of them carries headers the driver believes.
+	retryQueues map[string]bool
 	// received counts deliveries over the agent's life.
 	received atomic.Int64
 }
@@ -131,6 +134,10 @@ func New(opts Options) *Agent {
 		a.opts.Session.RetryDelays = a.opts.Retry.RetryDelays()
 		a.opts.Session.DeadLetterQueue = a.opts.DeadLetter.Queue
 		a.opts.Session.DeadLetterExchange = a.opts.DeadLetter.Exchange
+		a.retryQueues = map[string]bool{}
+		for _, d := range a.opts.Session.RetryDelays {
+			a.retryQueues[consumer.RetryQueue(a.opts.Session.Queue, d)] = true
+		}
 	}
 	if a.opts.HealthInterval <= 0 {
 		a.opts.HealthInterval = DefaultHealthInterval
@@ -235,10 +242,14 @@ func (a *Agent) serve(ctx context.Context, sess *consumer.Session) error {
 	a.metrics.onConnected(true)
 	defer a.metrics.onConnected(false)
 
+	// Dispatches and their copies run under bound: it outlives ctx, so
+	// that in-flight messages may finish at shutdown, until drain cuts it.
+	bound, cut := context.WithCancel(context.WithoutCancel(ctx))
+	defer cut()
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		a.consume(ctx, sess, a.opts.Workers)
+		a.consume(ctx, bound, sess, a.opts.Workers)
 	}()
 
 	ticker := time.NewTicker(a.opts.HealthInterval)
@@ -257,35 +268,56 @@ func (a *Agent) serve(ctx context.Context, sess *consumer.Session) error {
 			}
 			return fmt.Errorf("session lost: %w", err)
 		case <-ctx.Done():
-			a.drain(sess, done)
+			a.drain(sess, done, cut)
 			a.report()
 			return nil
 		}
 	}
 }
 
-// drain stops deliveries, gives in-flight dispatches up to one dispatch
-// timeout to finish and settle, then closes the session: whatever is still
-// unacknowledged goes back to the queue.
-func (a *Agent) drain(sess *consumer.Session, done <-chan struct{}) {
+// drain stops deliveries and gives in-flight dispatches up to
+// shutdown_timeout to finish and settle. Past that bound it cancels them
+// (their messages go back to the queue) and closes the session. It
+// returns only once every worker has ended, then closes the session:
+// whatever is still unacknowledged goes back to the queue.
+func (a *Agent) drain(sess *consumer.Session, done <-chan struct{}, cut context.CancelFunc) {
 	a.log.Info("stopping: cancelling the consumer and waiting for in-flight messages")
 	go func() { _ = sess.Cancel() }()
 	bound := a.opts.ShutdownTimeout + time.Second
-	grace := time.NewTimer(bound)
-	defer grace.Stop()
+	if !closedWithin(done, bound) {
+		a.log.Warning("in-flight messages did not finish within", bound, "- cancelling them; the broker requeues them")
+		cut()
+		if !closedWithin(done, closeGrace) {
+			// A broker that does not answer the cancel keeps the
+			// deliveries open: closing the session ends them.
+			_ = sess.Close()
+		}
+		<-done
+	}
+	if err := sess.Close(); err != nil && !errors.Is(err, amqp.ErrClosed) {
+		a.log.Debug("closing the session:", err)
+	}
+}
+
+// closeGrace is how long cancelled dispatches get to hand their messages
+// back before the session is closed under them.
+const closeGrace = 2 * time.Second
+
+// closedWithin tells whether done closed within d.
+func closedWithin(done <-chan struct{}, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
 	select {
 	case <-done:
-	case <-grace.C:
-		a.log.Warning("in-flight messages did not finish within", bound, "- closing; the broker requeues them")
-	}
-	if err := sess.Close(); err != nil {
-		a.log.Debug("closing the session:", err)
+		return true
+	case <-t.C:
+		return false
 	}
 }
 
 // consume runs the workers on a session until its deliveries end; acks
 // go through one settler per session (see acks.go).
-func (a *Agent) consume(ctx context.Context, sess session, workers int) {
+func (a *Agent) consume(ctx, bound context.Context, sess session, workers int) {
 	if !a.opts.Session.AutoAck {
 		q := newAcks(a, a.opts.Session.PrefetchCount)
 		defer q.close()
@@ -296,7 +328,7 @@ func (a *Agent) consume(ctx context.Context, sess session, workers int) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			a.work(ctx, sess)
+			a.work(ctx, bound, sess)
 		}()
 	}
 	wg.Wait()
@@ -311,40 +343,13 @@ type batched struct {
 // work handles deliveries until the channel closes. After shutdown has
 // begun, messages not yet dispatched are handed back (nack with requeue),
 // except with auto_ack, where the broker has already forgotten them.
-func (a *Agent) work(ctx context.Context, sess session) {
+//
+// ctx ends when the agent stops; bound, when in-flight dispatches must
+// end too (see drain).
+func (a *Agent) work(ctx, bound context.Context, sess session) {
 	for d := range sess.Deliveries() {
-		a.handle(ctx, sess, &d)
+		a.handle(ctx, bound, sess, &d)
 	}
-}
-
-// handle takes one delivery from its dispatch to its ack, nack, retry or
-// dead letter, inside the message's consumer span.
-func (a *Agent) handle(ctx context.Context, sess session, d *amqp.Delivery) {
-	a.metrics.onReceived()
-	a.received.Add(1)
-	ctx, span := a.tracing.begin(ctx, d)
-	outcome, r := a.process(ctx, sess, d)
-	a.tracing.end(span, d, outcome, r)
-}
-
-// process dispatches a delivery and settles it; it returns the outcome
-// and the dispatch result.
-func (a *Agent) process(ctx context.Context, sess session, d *amqp.Delivery) (string, result) {
-	if a.opts.Session.AutoAck {
-		_ = a.wait(ctx)
-		r := a.dispatch(ctx, d)
-		a.metrics.onSettled(OutcomeAutoAcked)
-		return OutcomeAutoAcked, r
-	}
-	if ctx.Err() != nil || a.wait(ctx) != nil {
-		r := result{reason: "agent stopping"}
-		return a.settle(sess, d, r, false), r
-	}
-	r := a.dispatch(ctx, d)
-	if r.ok || !a.ownsRetries() {
-		return a.settle(sess, d, r, a.opts.NackDiscard), r
-	}
-	return a.fail(ctx, sess, d, r), r
 }
 
 // session is what the workers use of a consumer session.
@@ -359,69 +364,6 @@ func (a *Agent) wait(ctx context.Context) error {
 		return nil
 	}
 	return a.limiter.Wait(ctx)
-}
-
-// dispatch runs the backend pipeline for one delivery. Its deadline is the
-// dispatch timeout and does not follow ctx: a dispatch in flight when the
-// agent stops is allowed to finish.
-func (a *Agent) dispatch(ctx context.Context, d *amqp.Delivery) (r result) {
-	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), a.opts.Timeout)
-	defer cancel()
-	defer func() {
-		if p := recover(); p != nil {
-			r = result{reason: fmt.Sprint("the backend pipeline panicked: ", p), kind: "panic"}
-		}
-		if !r.ok {
-			a.stats.failed.Add(1)
-			a.stats.lastReason.Store(r.reason)
-			a.log.Debug("dispatch failed:", r.reason)
-		}
-	}()
-	start := a.metrics.onDispatch()
-	defer func() { a.metrics.onDispatched(start, r.kind) }()
-	req := newRequest(d, a.opts.URLParams)
-	a.tracing.inject(dctx, req.Headers)
-	resp, err := a.opts.Proxy(dctx, req)
-	discardBody(resp)
-	return judge(resp, err)
-}
-
-// settle acks a handled message and nacks the others, and returns the
-// outcome.
-func (a *Agent) settle(via interface{}, d *amqp.Delivery, r result, discard bool) string {
-	outcome := OutcomeAcked
-	switch {
-	case r.ok:
-	case discard:
-		outcome = OutcomeDiscarded
-	default:
-		outcome = OutcomeRequeued
-	}
-	return a.settleAs(via, d, r, discard, outcome)
-}
-
-// settleAs acks or nacks a delivery and counts its outcome: through the
-// session's settler when via has one, else on the spot. It returns the
-// outcome.
-func (a *Agent) settleAs(via interface{}, d *amqp.Delivery, r result, discard bool, outcome string) string {
-	if b, ok := via.(batched); ok {
-		b.q.push(d, r.ok, !discard, outcome)
-		return outcome
-	}
-	a.recordSettle(settle(d, r, discard), outcome)
-	return outcome
-}
-
-// recordSettle counts a message's outcome, or counts it unsettled when
-// the channel refused the ack or nack: the broker then redelivers it.
-func (a *Agent) recordSettle(err error, outcome string) {
-	if err != nil {
-		a.stats.unsettled.Add(1)
-		a.metrics.onSettled(OutcomeUnsettled)
-		a.log.Debug("ack/nack refused, the broker will redeliver:", err)
-		return
-	}
-	a.metrics.onSettled(outcome)
 }
 
 // report logs, at most once per health interval, how many dispatches
@@ -513,7 +455,7 @@ func after(urls []string, i int) []string {
 }
 
 // oneLine keeps a joined error (one line per broker URL) on one log line.
-func oneLine(err error) string { return strings.ReplaceAll(fmt.Sprint(err), "\n", "; ") }
+func oneLine(v interface{}) string { return strings.ReplaceAll(fmt.Sprint(v), "\n", "; ") }
 
 func sleep(ctx context.Context, d time.Duration) bool {
 	t := time.NewTimer(d)

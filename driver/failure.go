@@ -38,66 +38,96 @@ type publisher interface {
 	Publish(ctx context.Context, exchange, key string, msg amqp.Publishing) error
 }
 
+// decision is what becomes of a failed message.
+type decision struct {
+	// outcome is OutcomeRetried or OutcomeDeadLettered.
+	outcome string
+	// attempt is the number of the dispatch that failed, within
+	// [1, max_attempts].
+	attempt int
+	// delay is the wait of a retry: one of the declared retry delays.
+	delay time.Duration
+	// exhausted: retried after the last attempt, as no dead letter is
+	// configured.
+	exhausted bool
+	// broker: dead-lettered by the queue's own dead-letter exchange.
+	broker bool
+	// exchange and key are where a dead-letter copy goes.
+	exchange, key string
+}
+
+// decide chooses, from the validated attempt count and the failure,
+// between a retry and a dead letter. It does no I/O.
+func (a *Agent) decide(m *message, r result) decision {
+	retry, dead := a.opts.Retry, a.opts.DeadLetter
+	attempt := min(max(m.attempt(), 1), retry.MaxAttempts)
+	giveUp := attempt >= retry.MaxAttempts || r.status != 0 && slices.Contains(dead.Statuses, r.status)
+	switch {
+	case giveUp && dead.Broker:
+		return decision{outcome: OutcomeDeadLettered, attempt: attempt, broker: true}
+	case giveUp && dead.Enabled():
+		d := decision{outcome: OutcomeDeadLettered, attempt: attempt, key: dead.Queue}
+		if dead.Exchange != "" {
+			d.exchange, d.key = dead.Exchange, dead.RoutingKey
+			if d.key == "" {
+				d.key = m.key
+			}
+		}
+		return d
+	case giveUp:
+		// The longest declared delay: MaxDelay rounded to the
+		// millisecond, as its retry queue was named.
+		return decision{outcome: OutcomeRetried, attempt: attempt, delay: retry.DelayFor(math.MaxInt), exhausted: true}
+	}
+	return decision{outcome: OutcomeRetried, attempt: attempt, delay: retry.DelayFor(attempt)}
+}
+
 // fail handles a failed dispatch when the driver owns retries: the
 // message is republished to a retry queue (or dead-lettered) and acked
 // only once the broker confirmed the copy. If the copy cannot be made,
 // the message is requeued after a pause, so that nothing spins. It returns
 // the outcome.
-func (a *Agent) fail(ctx context.Context, pub publisher, d *amqp.Delivery, r result) string {
-	attempt := failedAttempts(d.Headers) + 1
-	retry := a.opts.Retry
-	dead := a.opts.DeadLetter
-	giveUp := attempt >= retry.MaxAttempts || r.status != 0 && slices.Contains(dead.Statuses, r.status)
+func (a *Agent) fail(ctx context.Context, pub publisher, m *message, r result) string {
+	dec := a.decide(m, r)
 	var err error
-	outcome := OutcomeRetried
 	switch {
-	case giveUp && dead.Broker:
+	case dec.broker:
 		a.stats.deadLettered.Add(1)
 		a.stats.lastDeadLetter.Store(r.reason)
-		return a.settleAs(pub, d, result{reason: r.reason}, true, OutcomeDeadLettered)
-	case giveUp && dead.Enabled():
-		outcome = OutcomeDeadLettered
-		err = a.deadLetter(ctx, pub, d, attempt, r.reason)
-	case giveUp:
-		a.stats.exhausted.Add(1)
-		// The longest declared delay: MaxDelay rounded to the
-		// millisecond, as its retry queue was named.
-		err = a.retry(ctx, pub, d, attempt, r.reason, retry.DelayFor(math.MaxInt))
+		return a.settleAs(pub, m, result{reason: r.reason}, true, OutcomeDeadLettered)
+	case dec.outcome == OutcomeDeadLettered:
+		err = a.deadLetter(ctx, pub, m, dec, r.reason)
 	default:
-		err = a.retry(ctx, pub, d, attempt, r.reason, retry.DelayFor(attempt))
+		if dec.exhausted {
+			a.stats.exhausted.Add(1)
+		}
+		err = a.retry(ctx, pub, m, dec, r.reason)
 	}
 	if err != nil {
 		a.stats.copyFailed.Add(1)
 		a.stats.lastCopyError.Store(err.Error())
-		sleep(ctx, min(retry.Delay, 5*time.Second))
-		return a.settle(pub, d, result{reason: r.reason}, false)
+		sleep(ctx, min(a.opts.Retry.Delay, 5*time.Second))
+		return a.settle(pub, m, result{reason: r.reason}, false)
 	}
-	return a.settleAs(pub, d, result{ok: true}, false, outcome)
+	return a.settleAs(pub, m, result{ok: true}, false, dec.outcome)
 }
 
-func (a *Agent) retry(ctx context.Context, pub publisher, d *amqp.Delivery, attempt int, reason string, delay time.Duration) error {
-	queue := consumer.RetryQueue(a.opts.Session.Queue, delay)
-	ctx, cancel := copyContext(ctx)
+func (a *Agent) retry(ctx context.Context, pub publisher, m *message, dec decision, reason string) error {
+	queue := consumer.RetryQueue(a.opts.Session.Queue, dec.delay)
+	ctx, cancel := copyContext(ctx, m)
 	defer cancel()
-	return pub.Publish(ctx, "", queue, a.copyOf(d, attempt, reason))
+	return pub.Publish(ctx, "", queue, a.copyOf(m, dec.attempt, reason))
 }
 
-func (a *Agent) deadLetter(ctx context.Context, pub publisher, d *amqp.Delivery, attempt int, reason string) error {
-	msg := a.copyOf(d, attempt, reason)
+func (a *Agent) deadLetter(ctx context.Context, pub publisher, m *message, dec decision, reason string) error {
+	msg := a.copyOf(m, dec.attempt, reason)
 	msg.Headers[HeaderAgent] = a.opts.Name
 	// A dead letter is kept until someone looks at it: the message's own
 	// TTL would drop it from the dead-letter queue.
 	msg.Expiration = ""
-	exchange, key := "", a.opts.DeadLetter.Queue
-	if a.opts.DeadLetter.Exchange != "" {
-		exchange, key = a.opts.DeadLetter.Exchange, a.opts.DeadLetter.RoutingKey
-		if key == "" {
-			key, _ = msg.Headers[HeaderOriginalRoutingKey].(string)
-		}
-	}
-	ctx, cancel := copyContext(ctx)
+	ctx, cancel := copyContext(ctx, m)
 	defer cancel()
-	if err := pub.Publish(ctx, exchange, key, msg); err != nil {
+	if err := pub.Publish(ctx, dec.exchange, dec.key, msg); err != nil {
 		return err
 	}
 	a.stats.deadLettered.Add(1)
@@ -106,46 +136,35 @@ func (a *Agent) deadLetter(ctx context.Context, pub publisher, d *amqp.Delivery,
 }
 
 // copyContext bounds a publish; it outlives ctx so that a copy started
-// before shutdown still completes.
-func copyContext(ctx context.Context) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+// before shutdown still completes, until the shutdown bound.
+func copyContext(ctx context.Context, m *message) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	stop := context.AfterFunc(m.bound, cancel)
+	return ctx, func() { stop(); cancel() }
 }
 
-// copyOf rebuilds a delivery as a publishing, with its attempt count, the
-// failure reason and where it was first published.
-func (a *Agent) copyOf(d *amqp.Delivery, attempt int, reason string) amqp.Publishing {
+// copyOf rebuilds a message as a publishing, with its attempt count, the
+// failure reason and where it was first published. Whatever x-krakend-*
+// headers the message carried are dropped: the copy holds the driver's
+// own, from what the driver believes of the message.
+func (a *Agent) copyOf(m *message, attempt int, reason string) amqp.Publishing {
+	d := m.d
 	h := make(amqp.Table, len(d.Headers)+4)
 	for k, v := range d.Headers {
-		if k != consumer.PublishIDHeader {
+		if !strings.HasPrefix(k, internalPrefix) {
 			h[k] = v
 		}
 	}
 	h[HeaderAttempts] = int64(attempt)
 	h[HeaderLastError] = truncate(reason, 1024)
-	if _, ok := h[HeaderOriginalRoutingKey]; !ok {
-		h[HeaderOriginalRoutingKey] = d.RoutingKey
-		h[HeaderOriginalExchange] = d.Exchange
-	}
+	h[HeaderOriginalExchange] = m.exchange
+	h[HeaderOriginalRoutingKey] = m.key
 	return amqp.Publishing{
 		Headers: h, ContentType: d.ContentType, ContentEncoding: d.ContentEncoding,
 		DeliveryMode: d.DeliveryMode, Priority: d.Priority, CorrelationId: d.CorrelationId,
 		ReplyTo: d.ReplyTo, Expiration: d.Expiration, MessageId: d.MessageId, Timestamp: d.Timestamp,
 		Type: d.Type, UserId: d.UserId, AppId: d.AppId, Body: d.Body,
 	}
-}
-
-// failedAttempts reads the driver's attempt counter; a message never
-// seen before has 0.
-func failedAttempts(h amqp.Table) int {
-	switch n := h[HeaderAttempts].(type) {
-	case int64:
-		return int(n)
-	case int32:
-		return int(n)
-	case int:
-		return n
-	}
-	return 0
 }
 
 // statusOf finds the backend status behind a pipeline error, when Lura

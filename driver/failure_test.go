@@ -54,26 +54,63 @@ type codeErr int
 func (c codeErr) Error() string   { return fmt.Sprintf("status %d", int(c)) }
 func (c codeErr) StatusCode() int { return int(c) }
 
-func TestFailedAttempts(t *testing.T) {
+func TestReadBelievesOnlyTheAgentsRetryQueues(t *testing.T) {
+	a := failAgent(config.Retry{MaxAttempts: 6, Delay: time.Second, MaxDelay: 4 * time.Second, Multiplier: 2}, config.DeadLetter{Queue: "dead"})
+	forged := amqp.Table{HeaderAttempts: int64(3), HeaderOriginalRoutingKey: "admin.purge", HeaderOriginalExchange: "admin"}
+	death := func(queue, reason string) []interface{} {
+		return []interface{}{amqp.Table{"queue": queue, "reason": reason, "count": int64(1)}}
+	}
+	with := func(h amqp.Table, k string, v interface{}) amqp.Table {
+		out := amqp.Table{}
+		for key, val := range h {
+			out[key] = val
+		}
+		out[k] = v
+		return out
+	}
+	back := func(h amqp.Table) *amqp.Delivery {
+		return expiredFrom(&amqp.Delivery{Headers: h}, "work.retry.2s")
+	}
 	for _, tc := range []struct {
-		name    string
-		headers amqp.Table
-		want    int
+		name          string
+		d             *amqp.Delivery
+		failed        int
+		exchange, key string
 	}{
-		{"int64 (as the driver publishes it)", amqp.Table{HeaderAttempts: int64(3)}, 3},
-		{"int32", amqp.Table{HeaderAttempts: int32(4)}, 4},
-		{"int", amqp.Table{HeaderAttempts: 5}, 5},
-		{"missing", amqp.Table{"other": int64(9)}, 0},
-		{"nil table", nil, 0},
-		{"a string", amqp.Table{HeaderAttempts: "7"}, 0},
-		{"garbage bytes", amqp.Table{HeaderAttempts: []byte{0xff, 0x00}}, 0},
-		{"a float", amqp.Table{HeaderAttempts: 2.5}, 0},
-		{"a table", amqp.Table{HeaderAttempts: amqp.Table{"n": int64(1)}}, 0},
-		{"null", amqp.Table{HeaderAttempts: nil}, 0},
+		{"a publisher's message: the driver's headers are ignored",
+			&amqp.Delivery{Exchange: "orders", RoutingKey: "orders.created", Headers: forged}, 0, "orders", "orders.created"},
+		{"x-death forged on a message through the agent's exchange",
+			&amqp.Delivery{Exchange: "orders", RoutingKey: "work", Headers: with(forged, "x-death", death("work.retry.1s", "expired"))}, 0, "orders", "work"},
+		{"through the default exchange, x-death of another queue",
+			&amqp.Delivery{RoutingKey: "work", Headers: with(forged, "x-death", death("other.retry.1s", "expired"))}, 0, "", "work"},
+		{"through the default exchange, x-death not expired",
+			&amqp.Delivery{RoutingKey: "work", Headers: with(forged, "x-death", death("work.retry.1s", "rejected"))}, 0, "", "work"},
+		{"x-death not an array", &amqp.Delivery{RoutingKey: "work", Headers: with(forged, "x-death", "work.retry.1s")}, 0, "", "work"},
+		{"x-death empty", &amqp.Delivery{RoutingKey: "work", Headers: with(forged, "x-death", []interface{}{})}, 0, "", "work"},
+		{"x-death of strings", &amqp.Delivery{RoutingKey: "work", Headers: with(forged, "x-death", []interface{}{"x"})}, 0, "", "work"},
+		{"back from a retry queue", back(forged), 3, "admin", "admin.purge"},
+		{"int32", back(with(forged, HeaderAttempts, int32(4))), 4, "admin", "admin.purge"},
+		{"int", back(with(forged, HeaderAttempts, 2)), 2, "admin", "admin.purge"},
+		{"uint8", back(with(forged, HeaderAttempts, uint8(1))), 1, "admin", "admin.purge"},
+		{"negative: clamped to 0", back(with(forged, HeaderAttempts, int64(-1))), 0, "admin", "admin.purge"},
+		{"huge: clamped to max_attempts-1", back(with(forged, HeaderAttempts, int64(9223372036854775807))), 5, "admin", "admin.purge"},
+		{"uint64 past int64", back(with(forged, HeaderAttempts, uint64(1<<63))), 0, "admin", "admin.purge"},
+		{"a string", back(with(forged, HeaderAttempts, "7")), 0, "admin", "admin.purge"},
+		{"a float", back(with(forged, HeaderAttempts, 2.5)), 0, "admin", "admin.purge"},
+		{"a table", back(with(forged, HeaderAttempts, amqp.Table{"n": int64(1)})), 0, "admin", "admin.purge"},
+		{"null", back(with(forged, HeaderAttempts, nil)), 0, "admin", "admin.purge"},
+		{"origin not text", back(with(forged, HeaderOriginalRoutingKey, int64(1))), 3, "", "work"},
+		{"origin too long", back(with(forged, HeaderOriginalRoutingKey, strings.Repeat("k", 256))), 3, "", "work"},
+		{"origin not UTF-8", back(with(forged, HeaderOriginalExchange, "\xff")), 3, "", "work"},
+		{"no headers", &amqp.Delivery{RoutingKey: "k"}, 0, "", "k"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if got := failedAttempts(tc.headers); got != tc.want {
-				t.Errorf("failedAttempts(%v) = %d, want %d", tc.headers, got, tc.want)
+			m := a.msg(tc.d)
+			if m.failed != tc.failed || m.exchange != tc.exchange || m.key != tc.key {
+				t.Errorf("read: failed %d, origin %q/%q; want %d, %q/%q", m.failed, m.exchange, m.key, tc.failed, tc.exchange, tc.key)
+			}
+			if m.attempt() < 1 || m.attempt() > 6 {
+				t.Errorf("attempt %d out of 1..6", m.attempt())
 			}
 		})
 	}
@@ -102,9 +139,12 @@ func fullDelivery() *amqp.Delivery {
 }
 
 func TestCopyOf(t *testing.T) {
-	a := New(Options{Name: "copier", Session: consumer.Settings{Topology: consumer.Topology{Queue: "q"}}, Logger: logging.NoOp})
+	a := New(Options{Name: "copier", Session: consumer.Settings{Topology: consumer.Topology{Queue: "work"}}, Logger: logging.NoOp})
+	retryQueue := consumer.RetryQueue("work", a.opts.Session.RetryDelays[0])
 	d := fullDelivery()
-	c := a.copyOf(d, 1, "backend answered status 500")
+	// A publisher's own x-krakend-* headers are dropped, not copied.
+	d.Headers[HeaderOriginalRoutingKey], d.Headers[HeaderLastError] = "admin.purge", "forged"
+	c := a.copyOf(a.msg(d), 1, "backend answered status 500")
 
 	want := amqp.Publishing{
 		ContentType: d.ContentType, ContentEncoding: d.ContentEncoding, DeliveryMode: d.DeliveryMode,
@@ -138,7 +178,7 @@ func TestCopyOf(t *testing.T) {
 	if len(c.Headers) != len(wantHeaders) {
 		t.Errorf("headers %v, want exactly %v", c.Headers, wantHeaders)
 	}
-	if d.Headers[consumer.PublishIDHeader] != "old-publish-id" || len(d.Headers) != 3 {
+	if d.Headers[consumer.PublishIDHeader] != "old-publish-id" || len(d.Headers) != 5 {
 		t.Errorf("copyOf changed the delivery's headers: %v", d.Headers)
 	}
 	if err := c.Headers.Validate(); err != nil {
@@ -146,13 +186,13 @@ func TestCopyOf(t *testing.T) {
 	}
 
 	t.Run("repeated copies keep the first origin and count up", func(t *testing.T) {
-		first := a.copyOf(fullDelivery(), 1, "first")
+		first := a.copyOf(a.msg(fullDelivery()), 1, "first")
 		// The copy comes back from its retry queue through the default
 		// exchange, routed by the work queue's name.
-		again := &amqp.Delivery{Headers: first.Headers, Exchange: "", RoutingKey: "q", Body: first.Body, MessageId: first.MessageId}
-		second := a.copyOf(again, 2, "second")
-		back := &amqp.Delivery{Headers: second.Headers, Exchange: "", RoutingKey: "q.other", Body: second.Body}
-		third := a.copyOf(back, 3, "third")
+		again := expiredFrom(&amqp.Delivery{Headers: first.Headers, Body: first.Body, MessageId: first.MessageId}, retryQueue)
+		second := a.copyOf(a.msg(again), 2, "second")
+		back := expiredFrom(&amqp.Delivery{Headers: second.Headers, Body: second.Body}, retryQueue)
+		third := a.copyOf(a.msg(back), 3, "third")
 		for i, c := range []amqp.Publishing{second, third} {
 			if c.Headers[HeaderOriginalRoutingKey] != "orders.created" || c.Headers[HeaderOriginalExchange] != "orders" {
 				t.Errorf("copy %d: origin %v/%v, want orders/orders.created", i+2,
@@ -162,13 +202,13 @@ func TestCopyOf(t *testing.T) {
 		if third.Headers[HeaderAttempts] != int64(3) || third.Headers[HeaderLastError] != "third" {
 			t.Errorf("third copy: attempts %v, last error %v", third.Headers[HeaderAttempts], third.Headers[HeaderLastError])
 		}
-		if n := failedAttempts(third.Headers); n != 3 {
-			t.Errorf("failedAttempts of the third copy = %d, want 3", n)
+		if n := a.msg(expiredFrom(&amqp.Delivery{Headers: third.Headers}, retryQueue)).failed; n != 3 {
+			t.Errorf("failed attempts read back from the third copy = %d, want 3", n)
 		}
 	})
 
 	t.Run("a delivery with no headers", func(t *testing.T) {
-		c := a.copyOf(&amqp.Delivery{RoutingKey: "k", Exchange: "x"}, 1, "r")
+		c := a.copyOf(a.msg(&amqp.Delivery{RoutingKey: "k", Exchange: "x"}), 1, "r")
 		if c.Headers[HeaderOriginalRoutingKey] != "k" || c.Headers[HeaderAttempts] != int64(1) {
 			t.Errorf("headers %v", c.Headers)
 		}
@@ -176,7 +216,7 @@ func TestCopyOf(t *testing.T) {
 
 	t.Run("a long reason is truncated to valid UTF-8", func(t *testing.T) {
 		reason := strings.Repeat("é", 2000)
-		c := a.copyOf(&amqp.Delivery{}, 1, reason)
+		c := a.copyOf(a.msg(&amqp.Delivery{}), 1, reason)
 		got, _ := c.Headers[HeaderLastError].(string)
 		if len(got) > 1024 || len(got) < 1000 || !utf8.ValidString(got) {
 			t.Errorf("last error: %d bytes, valid UTF-8 %t", len(got), utf8.ValidString(got))
@@ -250,12 +290,36 @@ func failAgent(retry config.Retry, dead config.DeadLetter) *Agent {
 }
 
 // redeliver turns a copy into the delivery the agent gets back from the
-// retry queue.
+// retry queue, as the broker dead-letters it: through the default
+// exchange, routed by the work queue's name, with an x-death entry.
 func redeliver(acker amqp.Acknowledger, p published, tag uint64) *amqp.Delivery {
-	return &amqp.Delivery{
-		Acknowledger: acker, DeliveryTag: tag, Headers: p.msg.Headers, Body: p.msg.Body,
-		MessageId: p.msg.MessageId, Exchange: "", RoutingKey: p.key,
+	d := &amqp.Delivery{Acknowledger: acker, DeliveryTag: tag, Headers: p.msg.Headers, Body: p.msg.Body, MessageId: p.msg.MessageId}
+	return expiredFrom(d, p.key)
+}
+
+// expiredFrom makes d a delivery dead-lettered back to the work queue
+// "work" from retryQueue.
+func expiredFrom(d *amqp.Delivery, retryQueue string) *amqp.Delivery {
+	h := amqp.Table{}
+	for k, v := range d.Headers {
+		h[k] = v
 	}
+	h["x-death"] = []interface{}{amqp.Table{"queue": retryQueue, "reason": "expired", "count": int64(1),
+		"exchange": "", "routing-keys": []interface{}{retryQueue}}}
+	d.Headers, d.Exchange, d.RoutingKey = h, "", "work"
+	return d
+}
+
+// msg reads a delivery as a worker does.
+func (a *Agent) msg(d *amqp.Delivery) *message {
+	m := &message{d: d, bound: context.Background()}
+	a.read(m)
+	return m
+}
+
+// failDelivery runs the failure path of a delivery.
+func (a *Agent) failDelivery(ctx context.Context, pub publisher, d *amqp.Delivery, r result) string {
+	return a.fail(ctx, pub, a.msg(d), r)
 }
 
 func TestAgentFail(t *testing.T) {
@@ -267,7 +331,7 @@ func TestAgentFail(t *testing.T) {
 		pub, acker := &copyRecorder{}, &fakeAcker{}
 		d := &amqp.Delivery{Acknowledger: acker, DeliveryTag: 1, RoutingKey: "orders.created", Exchange: "orders", MessageId: "m", Body: []byte("b")}
 		for tag := uint64(1); tag <= 6; tag++ {
-			a.fail(context.Background(), pub, d, failure)
+			a.failDelivery(context.Background(), pub, d, failure)
 			d = redeliver(acker, pub.copies[len(pub.copies)-1], tag+1)
 		}
 		want := []string{"/work.retry.1s", "/work.retry.2s", "/work.retry.4s", "/work.retry.4s", "/work.retry.4s", "/dead"}
@@ -295,7 +359,7 @@ func TestAgentFail(t *testing.T) {
 	t.Run("a status in statuses dead-letters at once", func(t *testing.T) {
 		a := failAgent(retry, config.DeadLetter{Queue: "dead", Statuses: []int{400, 422}})
 		pub, acker := &copyRecorder{}, &fakeAcker{}
-		a.fail(context.Background(), pub, &amqp.Delivery{Acknowledger: acker, DeliveryTag: 1, RoutingKey: "k"},
+		a.failDelivery(context.Background(), pub, &amqp.Delivery{Acknowledger: acker, DeliveryTag: 1, RoutingKey: "k"},
 			result{reason: "invalid status code 422", status: 422})
 		if got := routes(pub.copies); len(got) != 1 || got[0] != "/dead" {
 			t.Fatalf("copies %v, want one to /dead", got)
@@ -309,8 +373,8 @@ func TestAgentFail(t *testing.T) {
 	t.Run("a status not in statuses is retried", func(t *testing.T) {
 		a := failAgent(retry, config.DeadLetter{Queue: "dead", Statuses: []int{422}})
 		pub, acker := &copyRecorder{}, &fakeAcker{}
-		a.fail(context.Background(), pub, &amqp.Delivery{Acknowledger: acker, DeliveryTag: 1}, failure)
-		a.fail(context.Background(), pub, &amqp.Delivery{Acknowledger: acker, DeliveryTag: 2}, result{reason: "timeout"})
+		a.failDelivery(context.Background(), pub, &amqp.Delivery{Acknowledger: acker, DeliveryTag: 1}, failure)
+		a.failDelivery(context.Background(), pub, &amqp.Delivery{Acknowledger: acker, DeliveryTag: 2}, result{reason: "timeout"})
 		if got := routes(pub.copies); strings.Join(got, " ") != "/work.retry.1s /work.retry.1s" {
 			t.Errorf("copies %v, want two to the first retry queue", got)
 		}
@@ -325,9 +389,9 @@ func TestAgentFail(t *testing.T) {
 				config.DeadLetter{Exchange: "dlx", RoutingKey: tc.key})
 			pub, acker := &copyRecorder{}, &fakeAcker{}
 			// A message that has been through a retry queue already.
-			d := &amqp.Delivery{Acknowledger: acker, DeliveryTag: 1, RoutingKey: "work", Headers: amqp.Table{
-				HeaderOriginalRoutingKey: "orders.created", HeaderOriginalExchange: "orders"}}
-			a.fail(context.Background(), pub, d, failure)
+			d := expiredFrom(&amqp.Delivery{Acknowledger: acker, DeliveryTag: 1, Headers: amqp.Table{
+				HeaderOriginalRoutingKey: "orders.created", HeaderOriginalExchange: "orders"}}, "work.retry.1s")
+			a.failDelivery(context.Background(), pub, d, failure)
 			if got := routes(pub.copies); len(got) != 1 || got[0] != tc.want {
 				t.Errorf("routing_key %q: copies %v, want [%s]", tc.key, got, tc.want)
 			}
@@ -339,9 +403,9 @@ func TestAgentFail(t *testing.T) {
 		a := failAgent(config.Retry{MaxAttempts: 2, Delay: time.Second, MaxDelay: time.Second, Multiplier: 2},
 			config.DeadLetter{Broker: true, Statuses: []int{422}})
 		pub, acker := &copyRecorder{}, &fakeAcker{}
-		a.fail(context.Background(), pub, &amqp.Delivery{Acknowledger: acker, DeliveryTag: 1,
-			Headers: amqp.Table{HeaderAttempts: int64(1)}}, failure)
-		a.fail(context.Background(), pub, &amqp.Delivery{Acknowledger: acker, DeliveryTag: 2},
+		a.failDelivery(context.Background(), pub, expiredFrom(&amqp.Delivery{Acknowledger: acker, DeliveryTag: 1,
+			Headers: amqp.Table{HeaderAttempts: int64(1)}}, "work.retry.1s"), failure)
+		a.failDelivery(context.Background(), pub, &amqp.Delivery{Acknowledger: acker, DeliveryTag: 2},
 			result{reason: "422", status: 422})
 		if len(pub.copies) != 0 {
 			t.Errorf("published %v, want nothing", routes(pub.copies))
@@ -353,7 +417,7 @@ func TestAgentFail(t *testing.T) {
 		a := failAgent(config.Retry{MaxAttempts: 2, Delay: time.Second, MaxDelay: time.Second, Multiplier: 2},
 			config.DeadLetter{Broker: true})
 		pub, acker := &copyRecorder{}, &fakeAcker{}
-		a.fail(context.Background(), pub, &amqp.Delivery{Acknowledger: acker, DeliveryTag: 1}, failure)
+		a.failDelivery(context.Background(), pub, &amqp.Delivery{Acknowledger: acker, DeliveryTag: 1}, failure)
 		if got := routes(pub.copies); len(got) != 1 || got[0] != "/work.retry.1s" {
 			t.Errorf("copies %v, want [/work.retry.1s]", got)
 		}
@@ -365,8 +429,8 @@ func TestAgentFail(t *testing.T) {
 			config.DeadLetter{})
 		pub, acker := &copyRecorder{}, &fakeAcker{}
 		for n := int64(0); n < 4; n++ {
-			a.fail(context.Background(), pub, &amqp.Delivery{Acknowledger: acker, DeliveryTag: uint64(n + 1),
-				Headers: amqp.Table{HeaderAttempts: n}}, failure)
+			a.failDelivery(context.Background(), pub, expiredFrom(&amqp.Delivery{Acknowledger: acker, DeliveryTag: uint64(n + 1),
+				Headers: amqp.Table{HeaderAttempts: n}}, "work.retry.50ms"), failure)
 		}
 		want := "/work.retry.50ms /work.retry.300ms /work.retry.300ms /work.retry.300ms"
 		if got := routes(pub.copies); strings.Join(got, " ") != want {
@@ -386,7 +450,7 @@ func TestAgentFail(t *testing.T) {
 			declared["/"+consumer.RetryQueue("work", d)] = true
 		}
 		pub, acker := &copyRecorder{}, &fakeAcker{}
-		a.fail(context.Background(), pub, &amqp.Delivery{Acknowledger: acker, DeliveryTag: 1}, failure)
+		a.failDelivery(context.Background(), pub, &amqp.Delivery{Acknowledger: acker, DeliveryTag: 1}, failure)
 		if got := routes(pub.copies); len(got) != 1 || !declared[got[0]] {
 			t.Errorf("copy went to %v, which is not among the declared retry queues %v", got, declared)
 		}
@@ -398,7 +462,7 @@ func TestAgentFail(t *testing.T) {
 			a := failAgent(config.Retry{MaxAttempts: 1, Delay: delay, MaxDelay: delay, Multiplier: 2}, dead)
 			pub, acker := &copyRecorder{err: consumer.ErrUnroutable}, &fakeAcker{}
 			start := time.Now()
-			a.fail(context.Background(), pub, &amqp.Delivery{Acknowledger: acker, DeliveryTag: 1}, failure)
+			a.failDelivery(context.Background(), pub, &amqp.Delivery{Acknowledger: acker, DeliveryTag: 1}, failure)
 			if took := time.Since(start); took < delay {
 				t.Errorf("dead letter %+v: requeued after %s, want a pause of at least %s", dead, took, delay)
 			}
@@ -423,7 +487,7 @@ func TestAgentFail(t *testing.T) {
 		pub, acker := &copyRecorder{err: errors.New("channel closed")}, &fakeAcker{}
 		ctx, cancel := context.WithCancel(context.Background())
 		cancel()
-		a.fail(ctx, pub, &amqp.Delivery{Acknowledger: acker, DeliveryTag: 1}, failure)
+		a.failDelivery(ctx, pub, &amqp.Delivery{Acknowledger: acker, DeliveryTag: 1}, failure)
 		wantSettled(t, acker, 1, nackRequeue)
 	})
 }

@@ -28,13 +28,25 @@ type result struct {
 }
 
 // judge decides whether a pipeline answer means the message was handled.
-// Only a complete answer with no error and, when Lura exposes it (no-op
-// encoding, error details), a 2xx status counts: acking anything else
-// would lose the message.
+// Only a 2xx counts: a complete answer with no error and, when Lura
+// exposes the status (no-op encoding, error details), a 2xx one; or an
+// error that carries a 2xx status. Acking anything else would lose the
+// message. The statuses of several merged backends are not exposed, so a
+// merge with an error is a failure.
 func judge(resp *proxy.Response, err error) result {
 	switch {
 	case err != nil:
 		r := result{reason: err.Error(), status: statusOf(err), kind: "error"}
+		if r.status >= 200 && r.status <= 299 {
+			// A 2xx that Lura's status handler refuses (202, 204 under
+			// an encoding other than no-op): the backend took it.
+			return result{ok: true, status: r.status}
+		}
+		if r.reason == "" && r.status != 0 {
+			r.reason = fmt.Sprintf("backend answered status %d", r.status)
+		} else if r.reason == "" {
+			r.reason = "the backend pipeline failed with no message"
+		}
 		if r.status != 0 {
 			r.kind = "http_status"
 		} else if errors.Is(err, context.DeadlineExceeded) {

@@ -16,6 +16,7 @@ import (
 	"github.com/luraproject/lura/v2/config"
 	"github.com/luraproject/lura/v2/logging"
 	"github.com/luraproject/lura/v2/proxy"
+	"github.com/luraproject/lura/v2/transport/http/client"
 	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/krakend-contrib/async-amqp/consumer"
@@ -49,6 +50,12 @@ func TestJudge(t *testing.T) {
 		{name: "300", resp: &proxy.Response{IsComplete: true, Metadata: proxy.Metadata{StatusCode: 300}}, wantReason: []string{"300"}},
 		{name: "199", resp: &proxy.Response{IsComplete: true, Metadata: proxy.Metadata{StatusCode: 199}}, wantReason: []string{"199"}},
 		{name: "negative", resp: &proxy.Response{IsComplete: true, Metadata: proxy.Metadata{StatusCode: -1}}, wantReason: []string{"-1"}},
+		// Lura's default status handler refuses 2xx statuses other than
+		// 200 and 201: the backend took the message all the same.
+		{name: "204 as a pipeline error", err: client.NewErrInvalidStatusCode(&http.Response{StatusCode: 204}, "x"), wantOK: true},
+		{name: "202 as a wrapped pipeline error", err: fmt.Errorf("b: %w", client.NewErrInvalidStatusCode(&http.Response{StatusCode: 202}, "x")), wantOK: true},
+		{name: "500 as a pipeline error", err: client.NewErrInvalidStatusCode(&http.Response{StatusCode: 500}, "x"), wantReason: []string{"500"}},
+		{name: "300 as a pipeline error", err: client.HTTPResponseError{Code: 300}, wantReason: []string{"300"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := judge(tc.resp, tc.err)
@@ -398,7 +405,7 @@ func TestAgentWork(t *testing.T) {
 				wg.Add(1)
 				go func() {
 					defer wg.Done()
-					a.work(ctx, ch)
+					a.work(ctx, context.WithoutCancel(ctx), ch)
 				}()
 			}
 			wg.Wait()
@@ -436,7 +443,7 @@ func TestAgentDispatch(t *testing.T) {
 		a := New(Options{Name: "test", Session: consumer.Settings{AutoAck: true}, Timeout: time.Minute, Proxy: p.proxy, Logger: logging.NoOp})
 		ctx, cancel := context.WithCancel(context.Background())
 		cancel()
-		a.work(ctx, deliveries(&fakeAcker{}, "ok", "ok"))
+		a.work(ctx, context.WithoutCancel(ctx), deliveries(&fakeAcker{}, "ok", "ok"))
 		if len(p.ctxErrs) != 2 {
 			t.Fatalf("%d dispatches, want 2", len(p.ctxErrs))
 		}
@@ -454,7 +461,7 @@ func TestAgentDispatch(t *testing.T) {
 		p := &outcomeProxy{}
 		acker := &fakeAcker{}
 		a := New(Options{Name: "test", Timeout: time.Minute, Proxy: p.proxy, Logger: logging.NoOp})
-		a.work(context.Background(), deliveries(acker, "body", "body"))
+		a.work(context.Background(), context.Background(), deliveries(acker, "body", "body"))
 		if len(p.bodies) != 2 {
 			t.Fatalf("%d bodies, want 2", len(p.bodies))
 		}
@@ -468,7 +475,7 @@ func TestAgentDispatch(t *testing.T) {
 	t.Run("a panicking pipeline is a failure with a reason", func(t *testing.T) {
 		p := &outcomeProxy{}
 		a := New(Options{Name: "test", Timeout: time.Minute, Proxy: p.proxy, Logger: logging.NoOp})
-		r := a.dispatch(context.Background(), &amqp.Delivery{Body: []byte("panic")})
+		r := a.dispatch(context.Background(), plain(&amqp.Delivery{Body: []byte("panic")}))
 		if r.ok || !strings.Contains(r.reason, "panicked") || !strings.Contains(r.reason, "backend exploded") {
 			t.Errorf("dispatch = %+v, want a failure naming the panic", r)
 		}
@@ -480,7 +487,7 @@ func TestAgentDispatch(t *testing.T) {
 			got <- r
 			return &proxy.Response{IsComplete: true}, nil
 		}})
-		if r := a.dispatch(context.Background(), &amqp.Delivery{Body: []byte("hello"), RoutingKey: "a.b"}); !r.ok {
+		if r := a.dispatch(context.Background(), plain(&amqp.Delivery{Body: []byte("hello"), RoutingKey: "a.b"})); !r.ok {
 			t.Fatalf("dispatch: %s", r.reason)
 		}
 		r := <-got
@@ -548,7 +555,7 @@ func TestAgentReport(t *testing.T) {
 				Proxy:       p.proxy,
 				Logger:      l,
 			})
-			a.work(context.Background(), deliveries(&fakeAcker{err: tc.ackErr}, tc.bodies...))
+			a.work(context.Background(), context.Background(), deliveries(&fakeAcker{err: tc.ackErr}, tc.bodies...))
 			if buf.Len() != 0 {
 				t.Errorf("logged per message at INFO: %q", buf.String())
 			}
@@ -709,7 +716,7 @@ func TestOutcomeThroughLuraPipeline(t *testing.T) {
 				})
 			}
 			p := luraPipeline(t, tc.encoding, backends...)
-			resp, err := p(context.Background(), newRequest(&amqp.Delivery{Body: []byte(`{}`), RoutingKey: "k"}, true))
+			resp, err := p(testContext(t), newRequest(plain(&amqp.Delivery{Body: []byte(`{}`), RoutingKey: "k"}), true))
 			discardBody(resp)
 			r := judge(resp, err)
 			if r.ok != tc.wantOK {
@@ -726,7 +733,7 @@ func TestOutcomeThroughLuraPipeline(t *testing.T) {
 		url := srv.URL
 		srv.Close()
 		p := luraPipeline(t, "no-op", &config.Backend{Host: []string{url}, URLPattern: "/", Method: http.MethodPost})
-		resp, err := p(context.Background(), newRequest(&amqp.Delivery{Body: []byte(`{}`)}, true))
+		resp, err := p(testContext(t), newRequest(plain(&amqp.Delivery{Body: []byte(`{}`)}), true))
 		discardBody(resp)
 		if r := judge(resp, err); r.ok {
 			t.Error("judge ok for a backend that is down")

@@ -45,7 +45,8 @@ var Params = []string{"routing_key", "exchange", "message_id", "correlation_id",
 // The body is the message body untouched. Params are filled only when a
 // url_pattern uses them: with none, Lura's path builder has nothing to
 // replace.
-func newRequest(d *amqp.Delivery, params bool) *proxy.Request {
+func newRequest(m *message, params bool) *proxy.Request {
+	d := m.d
 	h := make(map[string][]string, 8+len(d.Headers))
 	h["Content-Length"] = []string{strconv.Itoa(len(d.Body))}
 	set := func(name, value string) {
@@ -53,12 +54,12 @@ func newRequest(d *amqp.Delivery, params bool) *proxy.Request {
 			h[name] = []string{cleanValue(value)}
 		}
 	}
-	exchange, key := origin(d)
+	exchange, key := m.exchange, m.key
 	set("Content-Type", d.ContentType)
 	set("Content-Encoding", d.ContentEncoding)
 	set(HeaderRoutingKey, key)
 	set(HeaderExchange, exchange)
-	set(HeaderAttempt, strconv.Itoa(failedAttempts(d.Headers)+1))
+	set(HeaderAttempt, strconv.Itoa(m.attempt()))
 	set(HeaderRedelivered, strconv.FormatBool(d.Redelivered))
 	set(HeaderMessageID, d.MessageId)
 	set(HeaderCorrelationID, d.CorrelationId)
@@ -95,18 +96,6 @@ func newRequest(d *amqp.Delivery, params bool) *proxy.Request {
 // UsesParams tells whether a url_pattern, as rewritten by URLPattern,
 // has placeholders to fill.
 func UsesParams(pattern string) bool { return strings.Contains(pattern, "{{.") }
-
-// origin is where the message was first published: a retried message
-// comes back from its retry queue through the default exchange, and
-// carries the original exchange and routing key in headers.
-func origin(d *amqp.Delivery) (exchange, key string) {
-	key, ok := d.Headers[HeaderOriginalRoutingKey].(string)
-	if !ok {
-		return d.Exchange, d.RoutingKey
-	}
-	exchange, _ = d.Headers[HeaderOriginalExchange].(string)
-	return exchange, key
-}
 
 // pathParam escapes a value for one path segment. "." and ".." are
 // escaped too, so that a publisher cannot steer the backend path.

@@ -125,7 +125,7 @@ func TestNewRequestBodyAndContentHeaders(t *testing.T) {
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			r := newRequest(&tc.d, true)
+			r := newRequest(plain(&tc.d), true)
 			if got := readBody(t, r); string(got) != string(tc.d.Body) {
 				t.Errorf("body = %q, want %q", got, tc.d.Body)
 			}
@@ -153,7 +153,7 @@ func TestNewRequestBodyAndContentHeaders(t *testing.T) {
 
 	t.Run("the body is not shared with the delivery", func(t *testing.T) {
 		d := amqp.Delivery{Body: []byte("abc")}
-		r := newRequest(&d, true)
+		r := newRequest(plain(&d), true)
 		if err := r.Body.Close(); err != nil {
 			t.Errorf("closing the body: %v", err)
 		}
@@ -223,7 +223,7 @@ func TestNewRequestMetadataHeaders(t *testing.T) {
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			r := newRequest(&tc.d, true)
+			r := newRequest(plain(&tc.d), true)
 			for name, want := range tc.want {
 				got, ok := header(r, name)
 				switch {
@@ -237,7 +237,7 @@ func TestNewRequestMetadataHeaders(t *testing.T) {
 	}
 
 	t.Run("names are canonical", func(t *testing.T) {
-		r := newRequest(&full, true)
+		r := newRequest(plain(&full), true)
 		for name := range r.Headers {
 			if c := http.CanonicalHeaderKey(name); c != name {
 				t.Errorf("header %q is not in canonical form %q: Lura and net/http would miss it", name, c)
@@ -275,7 +275,7 @@ func TestNewRequestTableHeaders(t *testing.T) {
 		"empty-string":  "",
 		"nil":           nil,
 	}}
-	r := newRequest(&d, true)
+	r := newRequest(plain(&d), true)
 	for _, tc := range []struct {
 		key, name, want string
 	}{
@@ -367,7 +367,7 @@ func TestNewRequestHeaderNamesAreTokens(t *testing.T) {
 	} {
 		t.Run(tc.key, func(t *testing.T) {
 			d := amqp.Delivery{Headers: amqp.Table{tc.key: "v"}}
-			r := newRequest(&d, true)
+			r := newRequest(plain(&d), true)
 			var names []string
 			for name := range r.Headers {
 				if strings.HasPrefix(name, HeaderPrefix) {
@@ -397,7 +397,7 @@ func TestNewRequestHeaderNamesAreTokens(t *testing.T) {
 // Keys that clean to one header name keep every value.
 func TestNewRequestHeaderNameCollision(t *testing.T) {
 	d := amqp.Delivery{Headers: amqp.Table{"a b": "one", "a:b": "two", "A-B": "three"}}
-	r := newRequest(&d, true)
+	r := newRequest(plain(&d), true)
 	got := append([]string(nil), r.Headers["X-Amqp-Header-A-B"]...)
 	sort.Strings(got)
 	if want := []string{"one", "three", "two"}; strings.Join(got, ",") != strings.Join(want, ",") {
@@ -432,7 +432,7 @@ func TestNewRequestHeaderValuesAreCleaned(t *testing.T) {
 				RoutingKey:    "rk\n",
 				ContentType:   "text/plain\r\nX-Evil: 1",
 			}
-			r := newRequest(&d, true)
+			r := newRequest(plain(&d), true)
 			got, _ := header(r, "X-Amqp-Header-H")
 			if got != tc.want {
 				t.Errorf("value = %q, want %q", got, tc.want)
@@ -478,7 +478,7 @@ func TestNewRequestParams(t *testing.T) {
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			r := newRequest(&tc.d, true)
+			r := newRequest(plain(&tc.d), true)
 			if len(r.Params) != len(tc.want) {
 				t.Errorf("Params = %v, want %v", r.Params, tc.want)
 			}
@@ -491,7 +491,7 @@ func TestNewRequestParams(t *testing.T) {
 	}
 
 	t.Run("one param per documented placeholder", func(t *testing.T) {
-		r := newRequest(&amqp.Delivery{}, true)
+		r := newRequest(plain(&amqp.Delivery{}), true)
 		for _, p := range Params {
 			key := strings.ToUpper(p[:1]) + p[1:]
 			if _, ok := r.Params[key]; !ok {
@@ -590,7 +590,7 @@ func TestGeneratePathThroughLura(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			r := newRequest(&tc.d, true)
+			r := newRequest(plain(&tc.d), true)
 			r.GeneratePath(pattern)
 			if r.Path != tc.want {
 				t.Errorf("Path = %q, want %q", r.Path, tc.want)
@@ -686,7 +686,7 @@ func TestDeliveryThroughLuraPipeline(t *testing.T) {
 			"null-value": nil,
 		},
 	}
-	resp, err := p(context.Background(), newRequest(&d, true))
+	resp, err := p(testContext(t), newRequest(plain(&d), true))
 	if r := judge(resp, err); !r.ok {
 		t.Fatalf("judge: %s", r.reason)
 	}
@@ -733,7 +733,7 @@ func TestDeliveryThroughLuraPipeline(t *testing.T) {
 
 func TestPathParamsCannotClimbThePath(t *testing.T) {
 	for in, want := range map[string]string{".": "%2E", "..": "%2E%2E", "...": "...", "a..b": "a..b", "../x": "..%2Fx"} {
-		req := newRequest(&amqp.Delivery{MessageId: in}, true)
+		req := newRequest(plain(&amqp.Delivery{MessageId: in}), true)
 		if got := req.Params["Message_id"]; got != want {
 			t.Errorf("message id %q: param %q, want %q", in, got, want)
 		}
@@ -742,10 +742,10 @@ func TestPathParamsCannotClimbThePath(t *testing.T) {
 
 func TestParamsOnlyWhenAPatternUsesThem(t *testing.T) {
 	d := &amqp.Delivery{RoutingKey: "k", MessageId: "m"}
-	if r := newRequest(d, false); r.Params != nil {
+	if r := newRequest(plain(d), false); r.Params != nil {
 		t.Errorf("params without placeholders: %v", r.Params)
 	}
-	if r := newRequest(d, true); r.Params["Routing_key"] != "k" || r.Params["Message_id"] != "m" {
+	if r := newRequest(plain(d), true); r.Params["Routing_key"] != "k" || r.Params["Message_id"] != "m" {
 		t.Errorf("params: %v", r.Params)
 	}
 	for pattern, want := range map[string]bool{"/events": false, "/e/{{.Routing_key}}": true, "/e/{x}": false} {
@@ -753,4 +753,10 @@ func TestParamsOnlyWhenAPatternUsesThem(t *testing.T) {
 			t.Errorf("UsesParams(%q) = %t, want %t", pattern, got, want)
 		}
 	}
+}
+
+// plain reads a delivery as a message from a publisher: not from a retry
+// queue, so none of the driver's own headers is believed.
+func plain(d *amqp.Delivery) *message {
+	return &message{d: d, exchange: d.Exchange, key: d.RoutingKey, bound: context.Background()}
 }

@@ -80,18 +80,26 @@ func newTracing(tp trace.TracerProvider, p propagation.TextMapPropagator, agent 
 
 // begin starts the consumer span of a delivery. Its parent is the trace
 // context read from the message headers, if any.
-func (t *tracing) begin(ctx context.Context, d *amqp.Delivery) (context.Context, trace.Span) {
-	ctx = t.propagator.Extract(ctx, tableCarrier(d.Headers))
-	return t.tracer.Start(ctx, t.name, t.start...)
+// The propagator and the tracer are the build's: a panic in them leaves
+// the message without a span, never without its handling.
+func (t *tracing) begin(ctx context.Context, d *amqp.Delivery) (spanCtx context.Context, span trace.Span) {
+	defer func() {
+		if recover() != nil {
+			spanCtx, span = ctx, trace.SpanFromContext(context.Background())
+		}
+	}()
+	spanCtx = t.propagator.Extract(ctx, tableCarrier(d.Headers))
+	return t.tracer.Start(spanCtx, t.name, t.start...)
 }
 
 // end records the message and what became of it, and ends its span. A
 // failed dispatch sets the error status with its reason; a message handed
 // back undispatched at shutdown is no error. The attributes are set once,
 // here, and only on a span that records: a sampler sees those of start.
-func (t *tracing) end(span trace.Span, d *amqp.Delivery, outcome string, r result) {
+func (t *tracing) end(span trace.Span, m *message, outcome string, r result) {
+	defer func() { _ = recover() }() // the build's SDK; the message is settled already
 	if span.IsRecording() {
-		span.SetAttributes(messageAttributes(d, outcome, r)...)
+		span.SetAttributes(messageAttributes(m, outcome, r)...)
 		if !r.ok && r.kind != "" {
 			span.SetStatus(codes.Error, r.reason)
 		}
@@ -101,14 +109,14 @@ func (t *tracing) end(span trace.Span, d *amqp.Delivery, outcome string, r resul
 
 // messageAttributes are the span attributes of one message, following the
 // messaging conventions for RabbitMQ.
-func messageAttributes(d *amqp.Delivery, outcome string, r result) []attribute.KeyValue {
-	exchange, key := origin(d)
+func messageAttributes(m *message, outcome string, r result) []attribute.KeyValue {
+	d, key := m.d, m.key
 	attrs := make([]attribute.KeyValue, 0, 9)
 	attrs = append(attrs,
-		attribute.String("messaging.destination.name", exchange),
+		attribute.String("messaging.destination.name", m.exchange),
 		attribute.Int("messaging.message.body.size", len(d.Body)),
 		attribute.Int64("messaging.rabbitmq.message.delivery_tag", int64(d.DeliveryTag)),
-		attribute.Int(AttrAttempt, failedAttempts(d.Headers)+1),
+		attribute.Int(AttrAttempt, m.attempt()),
 		attribute.String(AttrOutcome, outcome),
 	)
 	if key != "" {

@@ -53,7 +53,7 @@ func TestTraceContextWithoutTracer(t *testing.T) {
 		ctx, span := tr.begin(context.Background(), d)
 		h := map[string][]string{}
 		tr.inject(ctx, h)
-		tr.end(span, d, OutcomeAcked, result{ok: true})
+		tr.end(span, plain(d), OutcomeAcked, result{ok: true})
 		if got := http.Header(h).Get("Traceparent"); got != tc.want {
 			t.Errorf("%s: backend traceparent %q, want %q", tc.name, got, tc.want)
 		}

@@ -1,0 +1,237 @@
+package driver
+
+import (
+	"encoding/binary"
+	"math"
+	"net/http"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/luraproject/lura/v2/logging"
+	amqp "github.com/rabbitmq/amqp091-go"
+	"golang.org/x/net/http/httpguts"
+
+	"github.com/krakend-contrib/async-amqp/config"
+	"github.com/krakend-contrib/async-amqp/consumer"
+)
+
+// fuzzInput hands out fuzz bytes as AMQP values, so that a fuzz target
+// can build tables and properties of any shape; an exhausted input gives
+// zeros.
+type fuzzInput struct{ b []byte }
+
+func (in *fuzzInput) next(n int) []byte {
+	out := make([]byte, n)
+	copy(out, in.b)
+	in.b = in.b[min(n, len(in.b)):]
+	return out
+}
+
+func (in *fuzzInput) byte() byte { return in.next(1)[0] }
+
+func (in *fuzzInput) text() string { return string(in.next(int(in.byte()))) }
+
+// keys the driver reads, so that the fuzzer reaches them often.
+var fuzzKeys = []string{"x-death", HeaderAttempts, HeaderOriginalRoutingKey, HeaderOriginalExchange, "traceparent", "tracestate", "baggage"}
+
+func (in *fuzzInput) key() string {
+	if k := in.byte(); int(k) < len(fuzzKeys) {
+		return fuzzKeys[k]
+	}
+	return in.text()
+}
+
+func (in *fuzzInput) table(depth int) amqp.Table {
+	t := amqp.Table{}
+	for n := in.byte() % 8; n > 0 && len(in.b) > 0; n-- {
+		t[in.key()] = in.value(depth)
+	}
+	return t
+}
+
+func (in *fuzzInput) value(depth int) interface{} {
+	u64 := func(n int) uint64 {
+		var b [8]byte
+		copy(b[:], in.next(n))
+		return binary.LittleEndian.Uint64(b[:])
+	}
+	switch in.byte() % 17 {
+	case 1:
+		return in.text()
+	case 2:
+		return []byte(in.text())
+	case 3:
+		return in.byte()%2 == 0
+	case 4:
+		return int8(in.byte())
+	case 5:
+		return in.byte()
+	case 6:
+		return int16(u64(2))
+	case 7:
+		return uint16(u64(2))
+	case 8:
+		return int32(u64(4))
+	case 9:
+		return uint32(u64(4))
+	case 10:
+		return int64(u64(8))
+	case 11:
+		return math.Float32frombits(uint32(u64(4)))
+	case 12:
+		return math.Float64frombits(u64(8))
+	case 13:
+		return amqp.Decimal{Scale: in.byte(), Value: int32(u64(4))}
+	case 14:
+		return time.Unix(int64(u64(8))%(1<<40), 0)
+	case 15:
+		if depth < 3 {
+			return in.table(depth + 1)
+		}
+	case 16:
+		if depth < 3 {
+			var a []interface{}
+			for n := in.byte() % 4; n > 0; n-- {
+				a = append(a, in.value(depth+1))
+			}
+			return a
+		}
+	}
+	return nil
+}
+
+// delivery builds a delivery from fuzz input; with back set, it comes
+// back from the agent's retry queue as the broker delivers it (the
+// driver's headers are then believed, whatever they hold).
+func (in *fuzzInput) delivery(back bool, retryQueue string) *amqp.Delivery {
+	d := &amqp.Delivery{
+		Exchange: in.text(), RoutingKey: in.text(), MessageId: in.text(), CorrelationId: in.text(),
+		ContentType: in.text(), ContentEncoding: in.text(), ReplyTo: in.text(), Type: in.text(),
+		AppId: in.text(), UserId: in.text(), Redelivered: in.byte()%2 == 0, DeliveryTag: 1,
+		Headers: in.table(0), Body: in.next(int(in.byte())),
+	}
+	if back {
+		h := d.Headers
+		d = expiredFrom(d, retryQueue)
+		for k, v := range h { // a forged x-death of the input's own
+			if k == "x-death" && in.byte()%2 == 0 {
+				d.Headers[k] = v
+			}
+		}
+	}
+	return d
+}
+
+func fuzzAgent(maxAttempts int, dead config.DeadLetter) *Agent {
+	return New(Options{
+		Name: "fuzz", Session: consumer.Settings{Topology: consumer.Topology{Exchange: "x", Queue: "work"}},
+		Workers: 1, Timeout: time.Second, Logger: logging.NoOp, URLParams: true,
+		Retry:      config.Retry{MaxAttempts: maxAttempts, Delay: 50 * time.Millisecond, MaxDelay: 400 * time.Millisecond, Multiplier: 2},
+		DeadLetter: dead,
+	})
+}
+
+func fuzzSeeds(f *testing.F) {
+	f.Add([]byte{}, false)
+	f.Add([]byte("\x05\x07orders.\x0ammessage-id"), true)
+	// x-krakend-attempts as int64 -1, then as a huge uint64.
+	f.Add([]byte{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 1, 10, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff}, true)
+	f.Add([]byte{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3, 2, 1, 10, 'a', 'd', 'm', 'i', 'n', '.', 'p', 'u', 'r', 'g', 1, 10, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f}, true)
+	f.Add([]byte("\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x04\x04\x01\x037\r\n\x05\x0f\x03\x02\x10\x02\x01\x05hello\x08\x01\x02\x03\x04"), false)
+}
+
+// FuzzRequest: whatever a message holds, its request is valid for
+// net/http (header names are tokens, values have no control characters,
+// path params cannot leave their segment) and its attempt is within
+// 1..max_attempts.
+func FuzzRequest(f *testing.F) {
+	fuzzSeeds(f)
+	a := fuzzAgent(5, config.DeadLetter{Queue: "dead"})
+	retryQueue := consumer.RetryQueue("work", a.opts.Session.RetryDelays[0])
+	f.Fuzz(func(t *testing.T, data []byte, back bool) {
+		in := &fuzzInput{b: data}
+		m := a.msg(in.delivery(back, retryQueue))
+		if m.attempt() < 1 || m.attempt() > 5 {
+			t.Fatalf("attempt %d out of 1..5", m.attempt())
+		}
+		if len(m.key) > maxNameLength || len(m.exchange) > maxNameLength {
+			t.Fatalf("origin %q/%q longer than an AMQP short string", m.exchange, m.key)
+		}
+		req := newRequest(m, true)
+		for name, values := range req.Headers {
+			if !httpguts.ValidHeaderFieldName(name) {
+				t.Fatalf("header name %q is not an HTTP token", name)
+			}
+			for _, v := range values {
+				if !httpguts.ValidHeaderFieldValue(v) {
+					t.Fatalf("header %s value %q is not valid in HTTP", name, v)
+				}
+			}
+		}
+		for name, v := range req.Params {
+			if strings.ContainsAny(v, "/?#") || v == "." || v == ".." {
+				t.Fatalf("param %s = %q can leave its path segment", name, v)
+			}
+		}
+		if _, err := http.NewRequest(http.MethodPost, "http://backend/e/"+req.Params["Routing_key"], req.Body); err != nil {
+			t.Fatalf("net/http refuses the request: %v", err)
+		}
+	})
+}
+
+// FuzzFailure: whatever a failed message holds, the decision counts an
+// attempt within 1..max_attempts, retries through a declared retry queue
+// or dead-letters where the configuration says, and the copy can be
+// published.
+func FuzzFailure(f *testing.F) {
+	fuzzSeeds(f)
+	f.Fuzz(func(t *testing.T, data []byte, back bool) {
+		in := &fuzzInput{b: data}
+		maxAttempts := int(in.byte()%10) + 1
+		status := int(binary.LittleEndian.Uint16(in.next(2)) % 700)
+		deads := []config.DeadLetter{{}, {Queue: "dead", Statuses: []int{422}}, {Exchange: "dlx"}, {Exchange: "dlx", RoutingKey: "failed"}, {Broker: true}}
+		dead := deads[int(in.byte())%len(deads)]
+		a := fuzzAgent(maxAttempts, dead)
+		retryQueue := consumer.RetryQueue("work", a.opts.Session.RetryDelays[int(in.byte())%len(a.opts.Session.RetryDelays)])
+		m := a.msg(in.delivery(back, retryQueue))
+		dec := a.decide(m, result{reason: "fuzz", status: status})
+		if dec.attempt < 1 || dec.attempt > maxAttempts {
+			t.Fatalf("attempt %d out of 1..%d", dec.attempt, maxAttempts)
+		}
+		switch {
+		case dec.outcome == OutcomeRetried:
+			if !slices.Contains(a.opts.Session.RetryDelays, dec.delay) {
+				t.Fatalf("retry delay %s is none of the declared %v", dec.delay, a.opts.Session.RetryDelays)
+			}
+			if dead.Enabled() && dec.attempt >= maxAttempts {
+				t.Fatalf("retried after the last attempt although %+v is configured", dead)
+			}
+		case dec.broker:
+			if !dead.Broker {
+				t.Fatal("left to the broker's dead-lettering, which is not configured")
+			}
+		case dec.outcome == OutcomeDeadLettered:
+			want := dead.Queue
+			if dead.Exchange != "" {
+				want = dead.RoutingKey
+				if want == "" {
+					want = m.key
+				}
+			}
+			if dec.exchange != dead.Exchange || dec.key != want {
+				t.Fatalf("dead letter to %q/%q, want %q/%q", dec.exchange, dec.key, dead.Exchange, want)
+			}
+		default:
+			t.Fatalf("outcome %q", dec.outcome)
+		}
+		c := a.copyOf(m, dec.attempt, "fuzz")
+		if c.Headers[HeaderAttempts] != int64(dec.attempt) {
+			t.Fatalf("copy counts %v attempts, want %d", c.Headers[HeaderAttempts], dec.attempt)
+		}
+		if err := c.Headers.Validate(); err != nil {
+			t.Fatalf("the copy cannot be published: %v", err)
+		}
+	})
+}

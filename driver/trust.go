@@ -1,0 +1,133 @@
+package driver
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"unicode/utf8"
+
+	amqp "github.com/rabbitmq/amqp091-go"
+)
+
+// A delivery is input from whoever may publish to the agent's exchange:
+// its headers and properties are validated before use, like a request to
+// a server. The driver's own headers (the attempt count, where the message
+// was first published) are believed only on a message that came back from
+// one of this agent's retry queues; on any other they are ignored.
+
+// message is a delivery as the driver reads it: validated once, when a
+// worker takes it.
+type message struct {
+	d *amqp.Delivery
+	// exchange and key are where the message was first published.
+	exchange, key string
+	// failed counts the failed dispatches of the message before this
+	// one, within [0, max_attempts-1].
+	failed int
+	// retried: the message came back from one of the agent's retry
+	// queues.
+	retried bool
+	// outcome is set once an ack or nack was handed over for it.
+	outcome string
+	// bound ends when the dispatch and the copies of the message must
+	// end: at the shutdown bound, not when the agent begins to stop.
+	bound context.Context
+}
+
+// attempt is the number of this dispatch, within [1, max_attempts].
+func (m *message) attempt() int { return m.failed + 1 }
+
+// maxNameLength bounds an exchange name or routing key (an AMQP short
+// string).
+const maxNameLength = 255
+
+// read validates what the driver uses of a delivery. A value of the wrong
+// type or out of range is treated as absent or clamped, and logged at
+// DEBUG.
+func (a *Agent) read(m *message) {
+	d := m.d
+	m.exchange, m.key = d.Exchange, d.RoutingKey
+	m.retried = a.fromRetryQueue(d)
+	if !m.retried {
+		return
+	}
+	if n, ok := integer(d.Headers[HeaderAttempts]); ok {
+		m.failed = int(min(max(n, 0), int64(a.opts.Retry.MaxAttempts-1)))
+		if int64(m.failed) != n {
+			a.log.Debug(fmt.Sprintf("message %q: %s %d clamped to %d", shortID(d), HeaderAttempts, n, m.failed))
+		}
+	} else {
+		a.log.Debug(fmt.Sprintf("message %q: %s is missing or not an integer: counted as 0", shortID(d), HeaderAttempts))
+	}
+	exchange, okExchange := name(d.Headers[HeaderOriginalExchange])
+	key, okKey := name(d.Headers[HeaderOriginalRoutingKey])
+	if okExchange && okKey {
+		m.exchange, m.key = exchange, key
+	} else {
+		a.log.Debug(fmt.Sprintf("message %q: %s or %s missing or invalid: the retry queue's exchange and key are used",
+			shortID(d), HeaderOriginalExchange, HeaderOriginalRoutingKey))
+	}
+}
+
+// fromRetryQueue tells whether the broker dead-lettered the delivery back
+// from one of this agent's retry queues: it came through the default
+// exchange with the work queue as routing key, and its newest x-death
+// entry names a retry queue of the agent, expired. A publisher can write
+// x-death, but not the exchange a delivery came through: only one allowed
+// to publish to the default exchange could forge it.
+func (a *Agent) fromRetryQueue(d *amqp.Delivery) bool {
+	if len(a.retryQueues) == 0 || d.Exchange != "" || d.RoutingKey != a.opts.Session.Queue {
+		return false
+	}
+	deaths, ok := d.Headers["x-death"].([]interface{})
+	if !ok || len(deaths) == 0 {
+		return false
+	}
+	newest, ok := deaths[0].(amqp.Table)
+	if !ok {
+		return false
+	}
+	queue, _ := newest["queue"].(string)
+	reason, _ := newest["reason"].(string)
+	return reason == "expired" && a.retryQueues[queue]
+}
+
+// integer reads an AMQP integer of any width.
+func integer(v interface{}) (int64, bool) {
+	switch n := v.(type) {
+	case int64:
+		return n, true
+	case int32:
+		return int64(n), true
+	case int16:
+		return int64(n), true
+	case int8:
+		return int64(n), true
+	case int:
+		return int64(n), true
+	case uint8:
+		return int64(n), true
+	case uint16:
+		return int64(n), true
+	case uint32:
+		return int64(n), true
+	case uint64:
+		if n <= math.MaxInt64 {
+			return int64(n), true
+		}
+	}
+	return 0, false
+}
+
+// name reads an exchange name or routing key the driver wrote: text of
+// at most 255 bytes.
+func name(v interface{}) (string, bool) {
+	s, ok := v.(string)
+	if !ok || len(s) > maxNameLength || !utf8.ValidString(s) {
+		return "", false
+	}
+	return s, true
+}
+
+// shortID names a message in a log line: its message id, cut short.
+func shortID(d *amqp.Delivery) string { return truncate(d.MessageId, 64) }

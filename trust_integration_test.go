@@ -1,0 +1,199 @@
+//go:build integration
+
+package asyncamqp_test
+
+import (
+	"io"
+	"math"
+	"net/http"
+	"slices"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/krakend-contrib/async-amqp/internal/brokertest"
+)
+
+// A publisher that may only write to the agent's exchange sets the
+// driver's own headers on its messages: a forged attempt counter (out of
+// range, to crash the failure path, or high, to skip the retries), a
+// forged origin (to change the routing key the backend sees and where the
+// dead letter goes), a forged x-death naming the agent's retry queue. None
+// of it is believed: the agent survives, every message gets its retries,
+// and the backend and the dead letter see the real routing key.
+func TestHostilePublisherCannotCrashSpoofOrSkipRetries(t *testing.T) {
+	f := newFixture(t)
+	dlq := brokertest.Name(t, "dlq")
+	brokertest.Cleanup(t, f.conn, dlq, "")
+	var log dispatchLog
+	seen := map[string]bool{}
+	be := newBackend(t, func(_ int, r received) int {
+		log.add(r)
+		id := r.Header.Get("X-Amqp-Message-Id")
+		switch {
+		case strings.HasPrefix(id, "always-"):
+			return http.StatusInternalServerError
+		case !seen[id]: // every other message fails its first dispatch
+			seen[id] = true
+			return http.StatusServiceUnavailable
+		}
+		return http.StatusOK
+	})
+	const agent = "hostile"
+	gw := startAgents(t, agentSpec{Name: agent, Topic: "k.#", Workers: 1, Backend: be.URL,
+		Block: block(f.queue, f.exchange, map[string]interface{}{
+			"retry":       fastRetry(3),
+			"dead_letter": map[string]interface{}{"queue": dlq},
+		})})
+	gw.waitPing(t, agent)
+
+	retryQueue := f.queue + ".retry.50ms"
+	forgedDeath := []interface{}{amqp.Table{"queue": retryQueue, "reason": "expired", "count": int64(1), "exchange": ""}}
+	spoof := amqp.Table{
+		"x-krakend-original-routing-key": "admin.purge",
+		"x-krakend-original-exchange":    "admin",
+		"x-death":                        forgedDeath,
+	}
+	messages := map[string]amqp.Table{
+		"negative":      {"x-krakend-attempts": int64(-1)},
+		"max-int64":     {"x-krakend-attempts": int64(math.MaxInt64)},
+		"min-int64":     {"x-krakend-attempts": int64(math.MinInt64)},
+		"int8":          {"x-krakend-attempts": int8(-128)},
+		"spoofed":       spoof,
+		"always-skip":   {"x-krakend-attempts": int64(2), "x-death": forgedDeath},
+		"always-origin": spoof,
+	}
+	for id, h := range messages {
+		f.pub.Publish(f.exchange, "k."+id, amqp.Publishing{MessageId: id, Headers: h, Body: []byte(`{}`)})
+	}
+	f.pub.Publish(f.exchange, "k.after", amqp.Publishing{MessageId: "after", Body: []byte(`{}`)})
+	brokertest.Eventually(t, 30*time.Second, "both always-failing messages dead-lettered", func() bool { return ready(t, dlq) >= 2 })
+	f.waitEmpty(t)
+
+	for id := range messages {
+		want := []string{"1", "2"}
+		if strings.HasPrefix(id, "always-") {
+			want = []string{"1", "2", "3"}
+		}
+		if got := attemptsOf(log.of(id)); !slices.Equal(got, want) {
+			t.Errorf("message %q: dispatched with X-Amqp-Attempt %v, want %v", id, got, want)
+		}
+	}
+	for _, r := range be.requests() {
+		id := r.Header.Get("X-Amqp-Message-Id")
+		if key := r.Header.Get("X-Amqp-Routing-Key"); key != "k."+id {
+			t.Errorf("message %q: the backend saw routing key %q, want the real %q", id, key, "k."+id)
+		}
+		if ex := r.Header.Get("X-Amqp-Exchange"); ex != f.exchange {
+			t.Errorf("message %q: the backend saw exchange %q, want %q", id, ex, f.exchange)
+		}
+	}
+	dead := takeAll(t, f.conn, dlq)
+	if got := deadIDs(dead); len(got) != 2 {
+		t.Fatalf("dead letters %v, want the two always-failing messages", got)
+	}
+	for _, d := range dead {
+		checkDeadLetter(t, d, 3, agent, "500", "k."+d.MessageId)
+		if d.Headers["x-krakend-original-exchange"] != f.exchange {
+			t.Errorf("dead letter %q: original exchange %v, want %q", d.MessageId, d.Headers["x-krakend-original-exchange"], f.exchange)
+		}
+	}
+	if got := attemptsOf(log.of("after")); !slices.Equal(got, []string{"1", "2"}) {
+		t.Errorf("a message after the hostile ones: attempts %v, want [1 2]", got)
+	}
+	if strings.Contains(gw.logs.String(), "panic") {
+		t.Errorf("something panicked:\n%s", gw.logs.String())
+	}
+	select {
+	case err := <-gw.done:
+		t.Fatalf("the agent stopped (%v)", err)
+	default:
+	}
+}
+
+// Lura's default status handler turns a 202 or a 204 into a pipeline
+// error under the JSON encoding: the backend took the message all the
+// same, so it is acked once, never retried.
+func TestEvery2xxIsASuccess(t *testing.T) {
+	for _, encoding := range []string{"", "no-op"} {
+		t.Run("encoding "+encoding, func(t *testing.T) {
+			f := newFixture(t)
+			var log dispatchLog
+			be := newBackend(t, func(_ int, r received) int {
+				log.add(r)
+				switch r.Header.Get("X-Amqp-Message-Id") {
+				case "accepted":
+					return http.StatusAccepted
+				case "no-content":
+					return http.StatusNoContent
+				}
+				return http.StatusOK
+			})
+			gw := startAgents(t, agentSpec{Name: "statuses", Topic: "k", Workers: 1, Encoding: encoding, Backend: be.URL,
+				Block: block(f.queue, f.exchange, map[string]interface{}{"retry": fastRetry(3)})})
+			gw.waitPing(t, "statuses")
+			for _, id := range []string{"accepted", "no-content", "ok"} {
+				f.pub.Publish(f.exchange, "k", amqp.Publishing{MessageId: id, Body: []byte(`{}`)})
+			}
+			brokertest.Eventually(t, 20*time.Second, "three dispatches", func() bool { return len(log.all()) >= 3 })
+			f.waitEmpty(t)
+			time.Sleep(300 * time.Millisecond) // longer than the retry delay: a retry would show
+			for _, id := range []string{"accepted", "no-content", "ok"} {
+				if got := attemptsOf(log.of(id)); !slices.Equal(got, []string{"1"}) {
+					t.Errorf("message %q: dispatched with attempts %v, want once", id, got)
+				}
+			}
+		})
+	}
+}
+
+// With shutdown_timeout shorter than consumer.timeout, the dispatches
+// still running at the bound are cancelled before the agent returns: no
+// backend call goes on after Run, nothing is retried or acked, and every
+// message is back in the queue.
+func TestShutdownBoundCancelsDispatchesBeforeReturning(t *testing.T) {
+	f := newFixture(t)
+	var cancelled, finished atomic.Int64
+	be := newBackend(t, nil)
+	be.Config.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		// Reading the body lets the server notice when the client
+		// goes away.
+		_, _ = io.ReadAll(r.Body)
+		be.inFlight.Add(1)
+		defer be.inFlight.Add(-1)
+		select {
+		case <-r.Context().Done():
+			cancelled.Add(1)
+		case <-time.After(20 * time.Second):
+			finished.Add(1)
+		}
+	})
+	gw := startAgents(t, agentSpec{Name: "bounded", Topic: "k", Workers: 2, Timeout: "30s", Backend: be.URL,
+		Block: block(f.queue, f.exchange, map[string]interface{}{"shutdown_timeout": "300ms", "retry": fastRetry(3)})})
+	gw.waitPing(t, "bounded")
+	f.pub.PublishN(f.exchange, "k", 5, jsonBody)
+	brokertest.Eventually(t, 10*time.Second, "two dispatches in flight", func() bool { return be.inFlight.Load() == 2 })
+
+	start := time.Now()
+	gw.stop(t)
+	took := time.Since(start)
+	// The backend saw both calls end by the time the agent returned.
+	brokertest.Eventually(t, time.Second, "the backend to see both calls cancelled", func() bool { return cancelled.Load() == 2 })
+	if took > 10*time.Second {
+		t.Errorf("the agent took %s to stop with shutdown_timeout 300ms", took.Round(time.Millisecond))
+	}
+	if n := finished.Load(); n != 0 {
+		t.Errorf("%d backend calls ran to their end after the stop", n)
+	}
+	brokertest.Eventually(t, 10*time.Second, "all five messages back in the queue", func() bool {
+		ready, unacked := brokertest.Counts(t, f.queue)
+		return ready == 5 && unacked == 0
+	})
+	if n := ready(t, f.queue+".retry.50ms"); n > 0 {
+		t.Errorf("%d cancelled messages went to a retry queue; they should be back in the work queue", n)
+	}
+	gw.expectLogs(t, "cancelling them")
+}
