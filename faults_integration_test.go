@@ -190,8 +190,8 @@ func TestConnectionCutsLoseNothing(t *testing.T) {
 			return seen.distinctOK() >= at && len(gw.lines("cuts", "consuming queue")) == i+1
 		})
 		progress := seen.distinctOK()
-		if got := p.Cut(); got != 1 {
-			t.Fatalf("cut %d: closed %d connections through the proxy, want the agent's one", i+1, got)
+		if got := p.Cut(); got != 2 {
+			t.Fatalf("cut %d: closed %d connections through the proxy, want the agent's two (consuming, copies)", i+1, got)
 		}
 		if progress >= n {
 			t.Fatalf("cut %d came after the flow ended (%d messages seen): nothing was in flight", i+1, progress)
@@ -235,8 +235,8 @@ func TestHealthStopsWhileDisconnected(t *testing.T) {
 	gw.waitPing(t, "dark")
 
 	p.Pause()
-	if got := p.Cut(); got != 1 {
-		t.Fatalf("closed %d connections through the proxy, want the agent's one", got)
+	if got := p.Cut(); got != 2 {
+		t.Fatalf("closed %d connections through the proxy, want the agent's two (consuming, copies)", got)
 	}
 	// Once the loss is logged the session is over: no ping may follow
 	// until a new session consumes.

@@ -324,8 +324,8 @@ func TestTLSThroughATerminatingProxy(t *testing.T) {
 			const warning = "tls.insecure_skip_verify is set"
 			if c.tls["insecure_skip_verify"] == true {
 				// Once per agent, not per connection: force a reconnect.
-				if n := brokertest.CloseConnections(t, "krakend-amqp "+name+"@"); n != 1 {
-					t.Fatalf("closed %d connections of the agent, want 1", n)
+				if n := brokertest.CloseConnections(t, "krakend-amqp "+name+"@"); n != 2 {
+					t.Fatalf("closed %d connections of the agent, want 2 (consuming, copies)", n)
 				}
 				brokertest.Eventually(t, 20*time.Second, "a second session", func() bool {
 					return strings.Count(gw.logs.String(), "consuming queue") >= 2
@@ -735,8 +735,8 @@ func TestHostsAreTriedInTurn(t *testing.T) {
 	f.pub.PublishN(f.exchange, "k", 5, jsonBody)
 	brokertest.Eventually(t, 10*time.Second, "5 messages", func() bool { return be.count() >= 5 })
 
-	if n := brokertest.CloseConnections(t, "krakend-amqp "+name+"@"); n != 1 {
-		t.Fatalf("closed %d connections, want 1", n)
+	if n := brokertest.CloseConnections(t, "krakend-amqp "+name+"@"); n != 2 {
+		t.Fatalf("closed %d connections, want 2 (consuming, copies)", n)
 	}
 	brokertest.Eventually(t, 20*time.Second, "a second session", func() bool {
 		return strings.Count(gw.logs.String(), "consuming queue") >= 2
@@ -905,8 +905,8 @@ func TestLogsNeverHoldThePassword(t *testing.T) {
 	brokertest.Eventually(t, 20*time.Second, "22 dispatches", func() bool { return be.count() >= 22 })
 	f.waitEmpty(t)
 
-	if n := brokertest.CloseConnections(t, "krakend-amqp "+name+"@"); n != 1 {
-		t.Fatalf("closed %d connections, want 1", n)
+	if n := brokertest.CloseConnections(t, "krakend-amqp "+name+"@"); n != 2 {
+		t.Fatalf("closed %d connections, want 2 (consuming, copies)", n)
 	}
 	brokertest.Eventually(t, 20*time.Second, "a second session", func() bool {
 		return strings.Count(gw.logs.String(), "consuming queue") >= 2

@@ -3,11 +3,13 @@
 package asyncamqp_test
 
 import (
+	"fmt"
 	"io"
 	"math"
 	"net/http"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -196,4 +198,113 @@ func TestShutdownBoundCancelsDispatchesBeforeReturning(t *testing.T) {
 		t.Errorf("%d cancelled messages went to a retry queue; they should be back in the work queue", n)
 	}
 	gw.expectLogs(t, "cancelling them")
+}
+
+// An operator deletes the agent's retry queue under it: the copies are not
+// lost and do not make the backend be called faster than the retry
+// policy allows. The driver declares the retry queue again and goes on.
+func TestRetryQueueDeletedUnderTheAgent(t *testing.T) {
+	f := newFixture(t)
+	dlq := brokertest.Name(t, "dlq")
+	brokertest.Cleanup(t, f.conn, dlq, "")
+	var log dispatchLog
+	be := newBackend(t, func(_ int, r received) int {
+		log.add(r)
+		return http.StatusInternalServerError
+	})
+	const delay = 300 * time.Millisecond
+	gw := startAgents(t, agentSpec{Name: "deleted", Topic: "k", Workers: 2, Backend: be.URL,
+		Block: block(f.queue, f.exchange, map[string]interface{}{
+			"retry":       map[string]interface{}{"max_attempts": 3, "delay": "300ms", "max_delay": "300ms"},
+			"dead_letter": map[string]interface{}{"queue": dlq},
+		})})
+	gw.waitPing(t, "deleted")
+	ch, err := f.conn.Channel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ch.Close()
+	retryQueue := f.queue + ".retry.300ms"
+	if _, err := ch.QueueDelete(retryQueue, false, false, false); err != nil {
+		t.Fatal(err)
+	}
+
+	const n = 20
+	for i := range n {
+		f.pub.Publish(f.exchange, "k", amqp.Publishing{MessageId: fmt.Sprint("m-", i), Body: jsonBody(i)})
+	}
+	brokertest.Eventually(t, 30*time.Second, "every message dead-lettered", func() bool { return ready(t, dlq) >= n })
+	f.waitEmpty(t)
+	if ready(t, retryQueue) < 0 {
+		t.Errorf("the retry queue %q was not declared again", retryQueue)
+	}
+	for i := range n {
+		ds := log.of(fmt.Sprint("m-", i))
+		if got := attemptsOf(ds); !slices.Equal(got, []string{"1", "2", "3"}) {
+			t.Errorf("message m-%d: attempts %v, want [1 2 3]", i, got)
+		}
+		checkGaps(t, ds, delay)
+	}
+	t.Logf("%d messages, %d backend calls", n, len(log.all()))
+}
+
+// setAlarm raises a broker resource alarm, as a memory or disk shortage
+// does: the broker blocks every connection that publishes. It is cleared
+// when the test ends.
+func setAlarm(t *testing.T) (clear func()) {
+	t.Helper()
+	brokertest.Rabbitmqctl(t, "eval", "rabbit_alarm:set_alarm({{resource_limit, disk, node()}, []}).")
+	var once sync.Once
+	clear = func() {
+		once.Do(func() { brokertest.Rabbitmqctl(t, "eval", "rabbit_alarm:clear_alarm({resource_limit, disk, node()}).") })
+	}
+	t.Cleanup(clear)
+	return clear
+}
+
+// While a broker alarm blocks publishing, the agent's copies wait, but it
+// goes on consuming and acking: its acks travel on a connection that never
+// publishes. The block is logged and shown in the metrics.
+func TestBlockedPublishingDoesNotStallAcks(t *testing.T) {
+	f := newFixture(t)
+	var log dispatchLog
+	var bad atomic.Int64
+	be := newBackend(t, func(_ int, r received) int {
+		log.add(r)
+		if r.Header.Get("X-Amqp-Message-Id") == "bad" && bad.Add(1) == 1 {
+			return http.StatusServiceUnavailable
+		}
+		return http.StatusOK
+	})
+	// Nothing is dispatched before the alarm is up.
+	release := make(chan struct{})
+	be.Config.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		<-release
+		be.serve(w, r)
+	})
+	gw := startAgents(t, agentSpec{Name: "blocked", Topic: "k", Workers: 4, Backend: be.URL,
+		Block: block(f.queue, f.exchange, map[string]interface{}{"retry": fastRetry(3)})})
+	gw.waitPing(t, "blocked")
+	f.pub.Publish(f.exchange, "k", amqp.Publishing{MessageId: "bad", Body: []byte(`{}`)})
+	for i := range 20 {
+		f.pub.Publish(f.exchange, "k", amqp.Publishing{MessageId: fmt.Sprint("good-", i), Body: []byte(`{}`)})
+	}
+
+	clear := setAlarm(t)
+	close(release)
+	brokertest.Eventually(t, 20*time.Second, "the block logged", func() bool {
+		return strings.Contains(gw.logs.String(), "the broker blocks publishing")
+	})
+	// The 20 good messages are acked while the bad one's copy waits.
+	brokertest.Eventually(t, 20*time.Second, "only the bad message left", func() bool {
+		ready, unacked := brokertest.Counts(t, f.queue)
+		return ready == 0 && unacked == 1
+	})
+	clear()
+	brokertest.Eventually(t, 30*time.Second, "the bad message retried once unblocked", func() bool { return len(log.of("bad")) == 2 })
+	f.waitEmpty(t)
+	gw.expectLogs(t, "the broker unblocked publishing")
+	if got := attemptsOf(log.of("bad")); !slices.Equal(got, []string{"1", "2"}) {
+		t.Errorf("the bad message: attempts %v, want [1 2]", got)
+	}
 }

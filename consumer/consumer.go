@@ -63,15 +63,22 @@ type Settings struct {
 	DeadLetterQueue string
 	// DeadLetterExchange must exist when set (checked passively).
 	DeadLetterExchange string
-	// Publish opens a channel in confirm mode for retries and dead
-	// letters.
+	// Publish opens a connection of its own, with a channel in confirm
+	// mode, for retries and dead letters.
 	Publish bool
+	// OnBlocked, when set, hears when the broker blocks the publishing
+	// connection (a memory or disk alarm) and unblocks it.
+	OnBlocked func(blocked bool, reason string)
 }
 
-// Session is one connection, one channel and one consumer.
+// Session is one connection, one channel and one consumer, and, when it
+// publishes copies, a second connection for them.
 type Session struct {
 	ch         *amqp.Channel
 	pub        *publisher
+	pubConn    *amqp.Connection
+	retries    map[string]time.Duration // retry queue names and their delays
+	settings   Settings
 	tag        string
 	deliveries <-chan amqp.Delivery
 	closed     chan *amqp.Error
@@ -101,7 +108,37 @@ func Open(ctx context.Context, s Settings) (*Session, error) {
 		d.conn.Close()
 		return nil, err
 	}
+	if s.Publish {
+		err = sess.openPublisher(ctx, s)
+	}
+	if err == nil {
+		err = sess.consume()
+	}
+	if err != nil {
+		_ = sess.Close()
+		return nil, err
+	}
 	return sess, nil
+}
+
+// openPublisher dials the broker the session is on a second time, for
+// the copies. The session ends with either connection.
+func (sess *Session) openPublisher(ctx context.Context, s Settings) error {
+	conn, err := dial(ctx, s.URLs[sess.index], s, " (copies)")
+	if err != nil {
+		return fmt.Errorf("connect for publishing copies to %s: %w", sess.host, err)
+	}
+	sess.pubConn, sess.pub = conn, newPublisher(conn)
+	go closeWith(conn.NotifyClose(make(chan *amqp.Error, 1)), sess.conn)
+	go closeWith(sess.conn.NotifyClose(make(chan *amqp.Error, 1)), conn)
+	if s.OnBlocked != nil {
+		go func(blocks <-chan amqp.Blocking) {
+			for b := range blocks {
+				s.OnBlocked(b.Active, b.Reason)
+			}
+		}(conn.NotifyBlocked(make(chan amqp.Blocking, 1)))
+	}
+	return nil
 }
 
 // dialAny tries each URL in turn and returns the first connection, with
@@ -110,7 +147,7 @@ func Open(ctx context.Context, s Settings) (*Session, error) {
 func dialAny(ctx context.Context, s Settings) (dialed, error) {
 	var errs []error
 	for i, u := range s.URLs {
-		conn, err := dial(ctx, u, s)
+		conn, err := dial(ctx, u, s, "")
 		if err == nil {
 			return dialed{conn: conn, index: i, host: config.Redacted(u), skipped: errors.Join(errs...)}, nil
 		}
@@ -125,13 +162,14 @@ func dialAny(ctx context.Context, s Settings) (dialed, error) {
 	return dialed{}, errors.Join(errs...)
 }
 
-func dial(ctx context.Context, url string, s Settings) (*amqp.Connection, error) {
+// dial connects to url; role is added to the connection name.
+func dial(ctx context.Context, url string, s Settings, role string) (*amqp.Connection, error) {
 	timeout := s.DialTimeout
 	if timeout <= 0 {
 		timeout = 10 * time.Second
 	}
 	props := amqp.NewConnectionProperties()
-	props.SetClientConnectionName(connectionName(s.Name))
+	props.SetClientConnectionName(connectionName(s.Name) + role)
 	props["product"] = "krakend-contrib/async-amqp"
 	var tlsConfig *tls.Config
 	if s.TLS != nil {
@@ -159,7 +197,7 @@ func setUp(d dialed, s Settings) (*Session, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open channel: %w", err)
 	}
-	sess := &Session{dialed: d, ch: ch, tag: consumerTag(s.Name)}
+	sess := &Session{dialed: d, ch: ch, tag: consumerTag(s.Name), settings: s, retries: map[string]time.Duration{}}
 	sess.closed = ch.NotifyClose(make(chan *amqp.Error, 1))
 	if err := declare(ch, s.Topology); err != nil {
 		return nil, err
@@ -167,23 +205,24 @@ func setUp(d dialed, s Settings) (*Session, error) {
 	if err := declareFailurePaths(ch, s); err != nil {
 		return nil, err
 	}
-	if s.Publish {
-		if sess.pub, err = newPublisher(conn); err != nil {
-			return nil, err
-		}
-		// A publishing channel the broker closed (say, a dead-letter
-		// exchange deleted meanwhile) ends the whole session: the caller
-		// reconnects and checks the topology again.
-		go closeWith(sess.pub.ch.NotifyClose(make(chan *amqp.Error, 1)), conn)
+	for _, d := range s.RetryDelays {
+		sess.retries[RetryQueue(s.Queue, d)] = d
 	}
 	if err := ch.Qos(s.PrefetchCount, s.PrefetchSize, false); err != nil {
 		return nil, qosError(err, s)
 	}
-	sess.deliveries, err = ch.Consume(s.Queue, sess.tag, s.AutoAck, s.Exclusive, s.NoLocal, s.NoWait, nil)
-	if err != nil {
-		return nil, fmt.Errorf("consume from queue %q: %w", s.Queue, err)
-	}
 	return sess, nil
+}
+
+// consume starts the consumer: from here on the broker delivers.
+func (s *Session) consume() error {
+	t := s.settings
+	var err error
+	s.deliveries, err = s.ch.Consume(t.Queue, s.tag, t.AutoAck, t.Exclusive, t.NoLocal, t.NoWait, nil)
+	if err != nil {
+		return fmt.Errorf("consume from queue %q: %w", t.Queue, err)
+	}
+	return nil
 }
 
 // declare maps the configuration to the declarations in one place,
@@ -237,14 +276,8 @@ func checkExists(ch *amqp.Channel, t Topology) error {
 // dead-letter queue, or checks that the dead-letter exchange exists.
 func declareFailurePaths(ch *amqp.Channel, s Settings) error {
 	for _, d := range s.RetryDelays {
-		name := RetryQueue(s.Queue, d)
-		args := amqp.Table{
-			"x-message-ttl":             d.Milliseconds(),
-			"x-dead-letter-exchange":    "",
-			"x-dead-letter-routing-key": s.Queue,
-		}
-		if _, err := ch.QueueDeclare(name, s.Durable, false, false, false, args); err != nil {
-			return fmt.Errorf("declare retry queue %q (ttl %s, back to %q): %w", name, d, s.Queue, err)
+		if err := declareRetryQueue(ch, s, d); err != nil {
+			return err
 		}
 	}
 	if s.DeadLetterQueue != "" {
@@ -259,6 +292,21 @@ func declareFailurePaths(ch *amqp.Channel, s Settings) error {
 			}
 			return fmt.Errorf("check dead-letter exchange %q: %w", s.DeadLetterExchange, err)
 		}
+	}
+	return nil
+}
+
+// declareRetryQueue declares the retry queue of one delay: its TTL sends
+// each message back to the work queue through the default exchange.
+func declareRetryQueue(ch *amqp.Channel, s Settings, d time.Duration) error {
+	name := RetryQueue(s.Queue, d)
+	args := amqp.Table{
+		"x-message-ttl":             d.Milliseconds(),
+		"x-dead-letter-exchange":    "",
+		"x-dead-letter-routing-key": s.Queue,
+	}
+	if _, err := ch.QueueDeclare(name, s.Durable, false, false, false, args); err != nil {
+		return fmt.Errorf("declare retry queue %q (ttl %s, back to %q): %w", name, d, s.Queue, err)
 	}
 	return nil
 }
@@ -335,12 +383,21 @@ func (s *Session) Err() error {
 }
 
 // Publish sends a copy of a message (a retry, a dead letter) and returns
-// nil only once the broker has confirmed it and routed it to a queue.
+// nil only once the broker has confirmed it and routed it to a queue. A
+// retry queue found missing (an operator deleted it) is declared again,
+// as at connect, and the copy sent once more.
 func (s *Session) Publish(ctx context.Context, exchange, key string, msg amqp.Publishing) error {
 	if s.pub == nil {
-		return errors.New("this session has no publishing channel")
+		return errors.New("this session has no publishing connection")
 	}
-	if err := s.pub.publish(ctx, exchange, key, msg); err != nil {
+	err := s.pub.publish(ctx, exchange, key, msg)
+	if delay, ok := s.retries[key]; ok && exchange == "" && errors.Is(err, ErrUnroutable) {
+		err = s.pub.declare(func(ch *amqp.Channel) error { return declareRetryQueue(ch, s.settings, delay) })
+		if err == nil {
+			err = s.pub.publish(ctx, exchange, key, msg)
+		}
+	}
+	if err != nil {
 		return fmt.Errorf("publish to exchange %q with routing key %q: %w", exchange, key, err)
 	}
 	return nil
@@ -364,21 +421,25 @@ func (s *Session) Tag() string { return s.tag }
 // already buffered are still handed out, then the channel is closed.
 func (s *Session) Cancel() error { return s.ch.Cancel(s.tag, false) }
 
-// Close closes the channel and the connection. Unacknowledged deliveries
-// go back to the queue.
+// Close closes the channel and the connections. Unacknowledged
+// deliveries go back to the queue.
 func (s *Session) Close() error {
 	if s.pub != nil {
-		_ = s.pub.ch.Close()
+		s.pub.close()
 	}
 	chErr := s.ch.Close()
 	connErr := s.conn.Close()
-	if errors.Is(chErr, amqp.ErrClosed) {
-		chErr = nil
+	if s.pubConn != nil {
+		connErr = errors.Join(connErr, ignoreClosed(s.pubConn.Close()))
 	}
-	if errors.Is(connErr, amqp.ErrClosed) {
-		connErr = nil
+	return errors.Join(ignoreClosed(chErr), ignoreClosed(connErr))
+}
+
+func ignoreClosed(err error) error {
+	if errors.Is(err, amqp.ErrClosed) {
+		return nil
 	}
-	return errors.Join(chErr, connErr)
+	return err
 }
 
 func connectionName(agent string) string {

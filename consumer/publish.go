@@ -18,54 +18,121 @@ const PublishIDHeader = "x-krakend-publish-id"
 // ErrUnroutable means the broker confirmed a copy but routed it nowhere.
 var ErrUnroutable = errors.New("the broker could not route the message to any queue")
 
-// publisher publishes copies of deliveries (retries, dead letters) on its
-// own channel in confirm mode, mandatory, and reports a copy as safe only
-// once the broker confirmed it and did not return it.
+// publisher publishes copies of deliveries (retries, dead letters) on a
+// connection of its own: a copy the broker refuses (a 406 for its size, a
+// 404 for an exchange deleted meanwhile) closes only the publishing
+// channel, which is opened again for the next copy, and a memory or disk
+// alarm that blocks publishing never holds the consuming connection and
+// its acks. A copy is safe only once the broker confirmed it and did not
+// return it.
 type publisher struct {
+	conn *amqp.Connection
+	mu   sync.Mutex
+	ch   *confirmChannel // nil until the first publish, or after it closed
+}
+
+func newPublisher(conn *amqp.Connection) *publisher { return &publisher{conn: conn} }
+
+// channel returns the open publishing channel, opening one if needed.
+func (p *publisher) channel() (*confirmChannel, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.ch != nil && !p.ch.closed() {
+		return p.ch, nil
+	}
+	c, err := openConfirmChannel(p.conn)
+	if err != nil {
+		return nil, err
+	}
+	p.ch = c
+	return c, nil
+}
+
+// publish sends msg and waits for the broker's verdict.
+func (p *publisher) publish(ctx context.Context, exchange, key string, msg amqp.Publishing) error {
+	c, err := p.channel()
+	if err != nil {
+		return err
+	}
+	return c.publish(ctx, exchange, key, msg)
+}
+
+// declare runs a declaration on the publishing channel.
+func (p *publisher) declare(f func(ch *amqp.Channel) error) error {
+	c, err := p.channel()
+	if err != nil {
+		return err
+	}
+	return f(c.ch)
+}
+
+func (p *publisher) close() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.ch != nil {
+		_ = p.ch.ch.Close()
+	}
+}
+
+// confirmChannel is a channel in confirm mode that records the publishes
+// the broker returned.
+type confirmChannel struct {
 	ch      *amqp.Channel
 	barrier chan chan struct{}
 	dead    chan struct{} // closed when the channel is gone
+	closes  chan *amqp.Error
 	mu      sync.Mutex
 	back    map[string]bool // publish ids the broker returned
+	err     *amqp.Error     // why the broker closed the channel
 }
 
-func newPublisher(conn *amqp.Connection) (*publisher, error) {
+func openConfirmChannel(conn *amqp.Connection) (*confirmChannel, error) {
 	ch, err := conn.Channel()
 	if err != nil {
 		return nil, fmt.Errorf("open publishing channel: %w", err)
 	}
 	if err := ch.Confirm(false); err != nil {
+		_ = ch.Close()
 		return nil, fmt.Errorf("enable publisher confirms: %w", err)
 	}
-	p := &publisher{ch: ch, barrier: make(chan chan struct{}), dead: make(chan struct{}), back: map[string]bool{}}
-	go p.watch(ch.NotifyReturn(make(chan amqp.Return)))
-	return p, nil
+	c := &confirmChannel{ch: ch, barrier: make(chan chan struct{}), dead: make(chan struct{}), back: map[string]bool{},
+		closes: ch.NotifyClose(make(chan *amqp.Error, 1))}
+	go c.watch(ch.NotifyReturn(make(chan amqp.Return)))
+	return c, nil
+}
+
+func (c *confirmChannel) closed() bool {
+	select {
+	case <-c.dead:
+		return true
+	default:
+		return false
+	}
 }
 
 // watch records returned publishes. amqp091 hands a basic.return over
 // before it processes the matching confirm, on the same goroutine; the
 // barrier request is served only after the return has been recorded.
-func (p *publisher) watch(returns <-chan amqp.Return) {
+func (c *confirmChannel) watch(returns <-chan amqp.Return) {
 	for {
 		select {
 		case r, ok := <-returns:
 			if !ok {
-				close(p.dead)
+				close(c.dead)
 				return
 			}
 			if id, _ := r.Headers[PublishIDHeader].(string); id != "" {
-				p.mu.Lock()
-				p.back[id] = true
-				p.mu.Unlock()
+				c.mu.Lock()
+				c.back[id] = true
+				c.mu.Unlock()
 			}
-		case done := <-p.barrier:
+		case done := <-c.barrier:
 			close(done)
 		}
 	}
 }
 
-// publish sends msg and waits for the broker's verdict.
-func (p *publisher) publish(ctx context.Context, exchange, key string, msg amqp.Publishing) error {
+func (c *confirmChannel) publish(ctx context.Context, exchange, key string, msg amqp.Publishing) error {
 	id := publishID()
 	headers := make(amqp.Table, len(msg.Headers)+1)
 	for k, v := range msg.Headers {
@@ -73,7 +140,7 @@ func (p *publisher) publish(ctx context.Context, exchange, key string, msg amqp.
 	}
 	headers[PublishIDHeader] = id
 	msg.Headers = headers
-	conf, err := p.ch.PublishWithDeferredConfirmWithContext(ctx, exchange, key, true, false, msg)
+	conf, err := c.ch.PublishWithDeferredConfirmWithContext(ctx, exchange, key, true, false, msg)
 	if err != nil {
 		return err
 	}
@@ -82,26 +149,47 @@ func (p *publisher) publish(ctx context.Context, exchange, key string, msg amqp.
 		return err
 	}
 	if !acked {
-		return errors.New("the broker refused the message (basic.nack)")
+		return c.refusal()
 	}
-	p.sync(ctx)
-	p.mu.Lock()
-	returned := p.back[id]
-	delete(p.back, id)
-	p.mu.Unlock()
+	c.sync(ctx)
+	c.mu.Lock()
+	returned := c.back[id]
+	delete(c.back, id)
+	c.mu.Unlock()
 	if returned {
 		return ErrUnroutable
 	}
 	return nil
 }
 
+// refusal says why a publish was not confirmed: the broker closed the
+// channel (amqp091 hands out its reason before it fails the pending
+// confirms), or it nacked the message.
+func (c *confirmChannel) refusal() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.err == nil {
+		select {
+		case e, ok := <-c.closes:
+			if ok && e != nil {
+				c.err = e
+			}
+		default:
+		}
+	}
+	if c.err != nil {
+		return fmt.Errorf("the broker closed the publishing channel: %w", c.err)
+	}
+	return errors.New("the broker refused the message (basic.nack)")
+}
+
 // sync waits until every return handed over so far is recorded.
-func (p *publisher) sync(ctx context.Context) {
+func (c *confirmChannel) sync(ctx context.Context) {
 	done := make(chan struct{})
 	select {
-	case p.barrier <- done:
+	case c.barrier <- done:
 		<-done
-	case <-p.dead:
+	case <-c.dead:
 	case <-ctx.Done():
 	}
 }

@@ -134,6 +134,7 @@ func New(opts Options) *Agent {
 		a.opts.Session.RetryDelays = a.opts.Retry.RetryDelays()
 		a.opts.Session.DeadLetterQueue = a.opts.DeadLetter.Queue
 		a.opts.Session.DeadLetterExchange = a.opts.DeadLetter.Exchange
+		a.opts.Session.OnBlocked = a.onBlocked
 		a.retryQueues = map[string]bool{}
 		for _, d := range a.opts.Session.RetryDelays {
 			a.retryQueues[consumer.RetryQueue(a.opts.Session.Queue, d)] = true
@@ -321,7 +322,12 @@ func (a *Agent) consume(ctx, bound context.Context, sess session, workers int) {
 	if !a.opts.Session.AutoAck {
 		q := newAcks(a, a.opts.Session.PrefetchCount)
 		defer q.close()
-		sess = batched{session: sess, q: q}
+		b := batched{session: sess, q: q}
+		if a.ownsRetries() {
+			b.held = newHeld(a, sess, b)
+			defer b.held.close() // before the settler closes
+		}
+		sess = b
 	}
 	var wg sync.WaitGroup
 	for range workers {
@@ -334,10 +340,12 @@ func (a *Agent) consume(ctx, bound context.Context, sess session, workers int) {
 	wg.Wait()
 }
 
-// batched is a session whose acks go through a settler.
+// batched is a session whose acks go through a settler, with a holder
+// for the messages whose copies fail.
 type batched struct {
 	session
-	q *acks
+	q    *acks
+	held *held
 }
 
 // work handles deliveries until the channel closes. After shutdown has
@@ -393,7 +401,8 @@ func (a *Agent) report() {
 	}
 	if n := a.stats.copyFailed.Swap(0); n > 0 {
 		reason, _ := a.stats.lastCopyError.Load().(string)
-		a.log.Error(fmt.Sprintf("%d failed messages could not be copied to their retry or dead-letter queue and were requeued; last error: %s", n, reason))
+		a.log.Error(fmt.Sprintf("%d copies to a retry or dead-letter queue could not be made; %d messages are held unacknowledged, "+
+			"not dispatched again, until their copy is made; last error: %s", n, a.metrics.heldNow(), reason))
 	}
 	if n := a.stats.unsettled.Swap(0); n > 0 {
 		a.log.Warning(n, "acks/nacks were refused on a closed channel; the broker redelivers those messages")
@@ -408,6 +417,18 @@ func (a *Agent) deadLetterName() string {
 		return fmt.Sprintf("exchange %q", d.Exchange)
 	}
 	return "the queue's own dead-letter exchange"
+}
+
+// onBlocked hears the broker block and unblock the publishing
+// connection (a memory or disk alarm): copies wait meanwhile, consuming
+// and acks go on.
+func (a *Agent) onBlocked(blocked bool, reason string) {
+	a.metrics.onBlocked(blocked)
+	if blocked {
+		a.log.Warning(fmt.Sprintf("the broker blocks publishing (%s): retry and dead-letter copies wait until it lifts the alarm", reason))
+		return
+	}
+	a.log.Info("the broker unblocked publishing")
 }
 
 // ping tells the gateway the agent is alive. It never blocks: a missed

@@ -84,32 +84,48 @@ func (a *Agent) decide(m *message, r result) decision {
 
 // fail handles a failed dispatch when the driver owns retries: the
 // message is republished to a retry queue (or dead-lettered) and acked
-// only once the broker confirmed the copy. If the copy cannot be made,
-// the message is requeued after a pause, so that nothing spins. It returns
-// the outcome.
+// only once the broker confirmed the copy. A message whose copy cannot be
+// made is held, unacknowledged, while the copy is tried again: the backend
+// is not called for it meanwhile. It returns the outcome.
 func (a *Agent) fail(ctx context.Context, pub publisher, m *message, r result) string {
 	dec := a.decide(m, r)
-	var err error
-	switch {
-	case dec.broker:
+	if dec.broker {
 		a.stats.deadLettered.Add(1)
 		a.stats.lastDeadLetter.Store(r.reason)
 		return a.settleAs(pub, m, result{reason: r.reason}, true, OutcomeDeadLettered)
-	case dec.outcome == OutcomeDeadLettered:
-		err = a.deadLetter(ctx, pub, m, dec, r.reason)
-	default:
-		if dec.exhausted {
-			a.stats.exhausted.Add(1)
-		}
-		err = a.retry(ctx, pub, m, dec, r.reason)
 	}
-	if err != nil {
+	if err := a.copy(ctx, pub, m, dec, r.reason); err != nil {
 		a.stats.copyFailed.Add(1)
 		a.stats.lastCopyError.Store(err.Error())
+		if h := holderOf(pub); h != nil && ctx.Err() == nil {
+			h.add(heldCopy{m: m, dec: dec, reason: r.reason})
+			return OutcomeHeld
+		}
+		// No holder (a session without a settler), or stopping: the
+		// message goes back to the queue.
 		sleep(ctx, min(a.opts.Retry.Delay, 5*time.Second))
 		return a.settle(pub, m, result{reason: r.reason}, false)
 	}
 	return a.settleAs(pub, m, result{ok: true}, false, dec.outcome)
+}
+
+// copy makes the retry or dead-letter copy a decision calls for.
+func (a *Agent) copy(ctx context.Context, pub publisher, m *message, dec decision, reason string) error {
+	if dec.outcome == OutcomeDeadLettered {
+		return a.deadLetter(ctx, pub, m, dec, reason)
+	}
+	if dec.exhausted {
+		a.stats.exhausted.Add(1)
+	}
+	return a.retry(ctx, pub, m, dec, reason)
+}
+
+// holderOf returns the session's holder of failed messages, if it has one.
+func holderOf(pub publisher) *held {
+	if b, ok := pub.(batched); ok {
+		return b.held
+	}
+	return nil
 }
 
 func (a *Agent) retry(ctx context.Context, pub publisher, m *message, dec decision, reason string) error {

@@ -43,7 +43,10 @@ type metrics struct {
 	duration  metric.Float64Histogram
 	inFlight  metric.Int64UpDownCounter
 	reconnect metric.Int64Counter
+	held      metric.Int64UpDownCounter
 	connected atomic.Int64
+	blocked   atomic.Int64
+	heldCount atomic.Int64
 }
 
 func newMetrics(provider metric.MeterProvider, agent, queue string) *metrics {
@@ -84,15 +87,36 @@ func newMetrics(provider metric.MeterProvider, agent, queue string) *metrics {
 		metric.WithDescription("Dispatches running now."), metric.WithUnit("{dispatch}"))
 	m.reconnect, _ = meter.Int64Counter("krakend.amqp.reconnects",
 		metric.WithDescription("Sessions opened again after a lost or failed one."), metric.WithUnit("{reconnect}"))
-	gauge, _ := meter.Int64ObservableGauge("krakend.amqp.connection.state",
+	m.held, _ = meter.Int64UpDownCounter("krakend.amqp.messages.held",
+		metric.WithDescription("Failed messages held unacknowledged because their retry or dead-letter copy could not be made yet."),
+		metric.WithUnit("{message}"))
+	state, _ := meter.Int64ObservableGauge("krakend.amqp.connection.state",
 		metric.WithDescription("1 while the agent is connected and consuming, else 0."))
-	if gauge != nil {
+	blocked, _ := meter.Int64ObservableGauge("krakend.amqp.publisher.blocked",
+		metric.WithDescription("1 while the broker blocks the agent's publishing connection (memory or disk alarm), else 0."))
+	if state != nil && blocked != nil {
 		_, _ = meter.RegisterCallback(func(_ context.Context, o metric.Observer) error {
-			o.ObserveInt64(gauge, m.connected.Load(), m.attrs)
+			o.ObserveInt64(state, m.connected.Load(), m.attrs)
+			o.ObserveInt64(blocked, m.blocked.Load(), m.attrs)
 			return nil
-		}, gauge)
+		}, state, blocked)
 	}
 	return m
+}
+
+func (m *metrics) onHeld(n int64) {
+	m.heldCount.Add(n)
+	m.held.Add(context.Background(), n, m.attrs)
+}
+
+func (m *metrics) heldNow() int64 { return m.heldCount.Load() }
+
+func (m *metrics) onBlocked(blocked bool) {
+	if blocked {
+		m.blocked.Store(1)
+		return
+	}
+	m.blocked.Store(0)
 }
 
 func (m *metrics) onReceived() { m.received.Add(context.Background(), 1, m.attrs) }

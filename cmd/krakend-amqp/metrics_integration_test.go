@@ -114,8 +114,8 @@ func TestMetricsEndpointCountsARun(t *testing.T) {
 	m.checkLabels(t, agent, queue)
 
 	// A reconnect is counted, and the state is back to 1 once consuming.
-	if closed := brokertest.CloseConnections(t, "krakend-amqp "+agent+"@"); closed != 1 {
-		t.Fatalf("closed %d connections of the agent, want 1", closed)
+	if closed := brokertest.CloseConnections(t, "krakend-amqp "+agent+"@"); closed != 2 {
+		t.Fatalf("closed %d connections of the agent, want 2 (consuming, copies)", closed)
 	}
 	brokertest.Eventually(t, 30*time.Second, "the reconnect in the metrics", func() bool {
 		m = scrapeMetrics(t, metricsAddr)
