@@ -44,9 +44,9 @@ unit:
 ## message-to-request mapping and the failure decision. (make test runs
 ## them over their seed corpus.)
 fuzz:
-	GOWORK=off $(GO) test -run XXX -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) ./config
-	GOWORK=off $(GO) test -run XXX -fuzz '^FuzzRequest$$' -fuzztime $(FUZZTIME) ./driver
-	GOWORK=off $(GO) test -run XXX -fuzz '^FuzzFailure$$' -fuzztime $(FUZZTIME) ./driver
+	GOWORK=off $(GO) test -run XXX -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s ./config
+	GOWORK=off $(GO) test -run XXX -fuzz '^FuzzRequest$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s ./driver
+	GOWORK=off $(GO) test -run XXX -fuzz '^FuzzFailure$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s ./driver
 
 ## fmt: rewrite the Go files in gofmt style.
 fmt:

@@ -82,8 +82,8 @@ func start(ctx context.Context, opts async.Options, s settings) bool {
 		return true
 	}
 	tlsConfig, _ := cfg.TLS.Load() // checked above
-	if cfg.TLS.InsecureSkipVerify {
-		logger.Warning(prefix, "tls.insecure_skip_verify is set: the broker's certificate is not verified")
+	for _, w := range warnings(cfg) {
+		logger.Warning(prefix, w)
 	}
 	warnIdleConns(logger, prefix, opts.Agent.Consumer.Workers)
 	agentOpts := agentOptions(opts, cfg, tlsConfig)
@@ -133,6 +133,40 @@ func Check(agent *luraconfig.AsyncAgent) error {
 		b.URLPattern = pattern
 	}
 	return errors.Join(errs...)
+}
+
+// Warnings lists what in a valid agent works but costs something the
+// operator should know, one line each naming the agent and the field: an
+// unverified broker certificate, retries on a queue that can vanish. It
+// says nothing of an agent this driver does not take or that Check
+// refuses.
+func Warnings(agent *luraconfig.AsyncAgent) []string {
+	if agent == nil {
+		return nil
+	}
+	cfg, err := config.FromExtraConfig(agent.ExtraConfig)
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, w := range warnings(cfg) {
+		out = append(out, fmt.Sprintf("agent %q: %s", agent.Name, w))
+	}
+	return out
+}
+
+func warnings(cfg config.Config) []string {
+	var out []string
+	if cfg.TLS.InsecureSkipVerify {
+		out = append(out, "tls.insecure_skip_verify is set: the broker's certificate is not verified")
+	}
+	if (cfg.Delete || cfg.Exclusive) && !cfg.AutoAck && !cfg.NackDiscard {
+		out = append(out, "delete or exclusive with the driver's retries: a retry copy comes back to the queue "+
+			"through the broker's dead-lettering after its delay, and the broker drops it if the queue is gone by then "+
+			"(an auto-delete queue once its last consumer leaves, an exclusive one with its connection); "+
+			"use a durable, shared queue, or nack_discard")
+	}
+	return out
 }
 
 // needsTopic tells whether the binding needs consumer.topic: not when
@@ -268,6 +302,7 @@ func agentOptions(opts async.Options, cfg config.Config, tlsConfig *tls.Config) 
 		Retry:           cfg.Retry,
 		DeadLetter:      cfg.DeadLetter,
 		ShutdownTimeout: cfg.ShutdownTimeout,
+		MaxBodyBytes:    cfg.MaxBodyBytes,
 		URLParams:       usesParams(a.Backend),
 		Proxy:           opts.Proxy,
 		Ping:            opts.AgentPing,

@@ -577,3 +577,31 @@ func ExampleCheck() {
 	// /orders/{{.Routing_key}}/{{.Message_id}}
 	// agent "orders": extra_config.async/amqp.exchange: required, and must not be empty
 }
+
+func TestWarnings(t *testing.T) {
+	for _, tc := range []struct {
+		over map[string]interface{}
+		want []string
+	}{
+		{nil, nil},
+		{map[string]interface{}{"delete": true}, []string{`agent "w": delete or exclusive with the driver's retries`}},
+		{map[string]interface{}{"exclusive": true}, []string{"the broker drops it if the queue is gone"}},
+		{map[string]interface{}{"delete": true, "nack_discard": true}, nil},
+		{map[string]interface{}{"delete": true, "auto_ack": true}, nil},
+		{map[string]interface{}{"tls": map[string]interface{}{"insecure_skip_verify": true}, "host": "amqps://u:p@h/"}, []string{"insecure_skip_verify"}},
+	} {
+		got := asyncamqp.Warnings(unitAgent("w", luraconfig.ExtraConfig{asyncamqp.Namespace: unitBlock(tc.over)}))
+		if len(got) != len(tc.want) {
+			t.Errorf("%v: warnings %q, want %d", tc.over, got, len(tc.want))
+			continue
+		}
+		for i, w := range tc.want {
+			if !strings.Contains(got[i], w) {
+				t.Errorf("%v: warning %q lacks %q", tc.over, got[i], w)
+			}
+		}
+	}
+	if got := asyncamqp.Warnings(unitAgent("other", luraconfig.ExtraConfig{})); got != nil {
+		t.Errorf("an agent of another driver: %q", got)
+	}
+}

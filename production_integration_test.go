@@ -419,6 +419,17 @@ func preDeclare(t *testing.T, f fixture, kind string, withExchange bool, keys ..
 
 // ---------------------------------------------------------------- quorum
 
+// queueArguments reads a queue's arguments as rabbitmqctl prints them.
+func queueArguments(t *testing.T, name string) string {
+	t.Helper()
+	for _, row := range brokertest.Rabbitmqctl(t, "--formatter", "json", "list_queues", "name", "arguments") {
+		if len(row) > 0 && strings.Contains(strings.Join(row, " "), `"`+name+`"`) {
+			return strings.Join(row, " ")
+		}
+	}
+	return ""
+}
+
 // queueType reads a queue's type (classic, quorum, stream).
 func queueType(t *testing.T, name string) string {
 	t.Helper()
@@ -490,9 +501,19 @@ func TestQuorumQueue(t *testing.T) {
 	if got := queueType(t, f.queue); got != "quorum" {
 		t.Fatalf("queue type %q, want quorum", got)
 	}
-	retryQueue := f.queue + ".retry.50ms"
-	if got := queueType(t, retryQueue); got != "classic" {
-		t.Errorf("retry queue %s: type %q, want classic", retryQueue, got)
+	// The way back from a retry queue is the broker's dead-lettering:
+	// at-least-once only between quorum queues.
+	for _, d := range []string{"50ms", "100ms", "200ms"} {
+		retryQueue := f.queue + ".retry." + d
+		if got := queueType(t, retryQueue); got != "quorum" {
+			t.Errorf("retry queue %s: type %q, want quorum", retryQueue, got)
+		}
+		args := queueArguments(t, retryQueue)
+		for _, want := range []string{"x-dead-letter-strategy", "at-least-once", "x-overflow", "reject-publish"} {
+			if !strings.Contains(args, want) {
+				t.Errorf("retry queue %s: arguments %s lack %s", retryQueue, args, want)
+			}
+		}
 	}
 
 	const n = 40 // ids 7, 17, 27, 37 fail once

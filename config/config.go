@@ -55,6 +55,9 @@ type Config struct {
 	// ShutdownTimeout bounds how long in-flight dispatches may run once
 	// the agent stops; 0 means the dispatch timeout.
 	ShutdownTimeout time.Duration
+	// MaxBodyBytes bounds the body of a message the backend is sent; a
+	// larger one is dead-lettered undispatched. 0 means no bound.
+	MaxBodyBytes int
 	// Hosts are more URLs of the same cluster, tried in turn after Host.
 	Hosts []string
 	// TLS configures amqps:// connections (field "tls").

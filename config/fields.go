@@ -31,6 +31,7 @@ var fields = map[string]setter{
 	"prefetch_count":   integer(math.MaxUint16, func(c *Config) *int { return &c.PrefetchCount }),
 	"prefetch_size":    integer(math.MaxUint32, func(c *Config) *int { return &c.PrefetchSize }),
 	"shutdown_timeout": duration(0, func(c *Config) *time.Duration { return &c.ShutdownTimeout }),
+	"max_body_bytes":   integer(math.MaxInt32, func(c *Config) *int { return &c.MaxBodyBytes }),
 	"retry":            object("retry", retryFields),
 	"dead_letter":      object("dead_letter", deadLetterFields),
 	"hosts":            stringList(false, func(c *Config) *[]string { return &c.Hosts }),

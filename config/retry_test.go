@@ -96,6 +96,16 @@ func TestParseRetryDeadLetterShutdown(t *testing.T) {
 		})
 	}
 
+	t.Run("max_body_bytes", func(t *testing.T) {
+		got, err := Parse(with(map[string]interface{}{"max_body_bytes": float64(1 << 20)}))
+		if err != nil || got.MaxBodyBytes != 1<<20 {
+			t.Errorf("MaxBodyBytes = %d (%v), want 1048576", got.MaxBodyBytes, err)
+		}
+		if got, _ := Parse(with(nil)); got.MaxBodyBytes != 0 {
+			t.Errorf("default MaxBodyBytes = %d, want 0 (no bound)", got.MaxBodyBytes)
+		}
+	})
+
 	t.Run("from JSON text", func(t *testing.T) {
 		var raw map[string]interface{}
 		text := `{"host": "amqp://localhost/", "name": "q", "exchange": "x", "shutdown_timeout": "3s",
@@ -173,6 +183,9 @@ func TestParseRetryDeadLetterInvalid(t *testing.T) {
 		{"shutdown_timeout a number", with(map[string]interface{}{"shutdown_timeout": float64(5)}), "shutdown_timeout", []string{"duration", "5"}},
 		{"shutdown_timeout not a duration", with(map[string]interface{}{"shutdown_timeout": "5 seconds"}), "shutdown_timeout", []string{"duration"}},
 		{"shutdown_timeout negative", with(map[string]interface{}{"shutdown_timeout": "-1s"}), "shutdown_timeout", []string{"at least 0s"}},
+		{"max_body_bytes negative", with(map[string]interface{}{"max_body_bytes": float64(-1)}), "max_body_bytes", []string{"between 0 and"}},
+		{"max_body_bytes a string", with(map[string]interface{}{"max_body_bytes": "1MB"}), "max_body_bytes", []string{"whole number", "string"}},
+		{"max_body_bytes a fraction", with(map[string]interface{}{"max_body_bytes": 1.5}), "max_body_bytes", []string{"whole number"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := Parse(tc.block)

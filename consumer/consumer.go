@@ -300,15 +300,34 @@ func declareFailurePaths(ch *amqp.Channel, s Settings) error {
 // each message back to the work queue through the default exchange.
 func declareRetryQueue(ch *amqp.Channel, s Settings, d time.Duration) error {
 	name := RetryQueue(s.Queue, d)
+	args := retryQueueArgs(s, d)
+	if _, err := ch.QueueDeclare(name, s.Durable, false, false, false, args); err != nil {
+		if isCode(err, amqp.PreconditionFailed) {
+			return fmt.Errorf("declare retry queue %q: it exists with other arguments than %v (declared by an earlier "+
+				"version or another agent?): delete it once it is empty, and the agent declares it again; the broker says: %w", name, args, err)
+		}
+		return fmt.Errorf("declare retry queue %q (ttl %s, back to %q): %w", name, d, s.Queue, err)
+	}
+	return nil
+}
+
+// retryQueueArgs are the arguments of a retry queue. The way back from a
+// retry queue is the broker's dead-lettering, which is at-most-once for
+// classic queues; for a quorum work queue the retry queues are quorum
+// queues too, with at-least-once dead-lettering (which needs the
+// reject-publish overflow).
+func retryQueueArgs(s Settings, d time.Duration) amqp.Table {
 	args := amqp.Table{
 		"x-message-ttl":             d.Milliseconds(),
 		"x-dead-letter-exchange":    "",
 		"x-dead-letter-routing-key": s.Queue,
 	}
-	if _, err := ch.QueueDeclare(name, s.Durable, false, false, false, args); err != nil {
-		return fmt.Errorf("declare retry queue %q (ttl %s, back to %q): %w", name, d, s.Queue, err)
+	if s.QueueArgs["x-queue-type"] == "quorum" {
+		args["x-queue-type"] = "quorum"
+		args["x-dead-letter-strategy"] = "at-least-once"
+		args["x-overflow"] = "reject-publish"
 	}
-	return nil
+	return args
 }
 
 // RetryQueue names the retry queue of a work queue for one delay, e.g.

@@ -63,6 +63,9 @@ type Options struct {
 	// ShutdownTimeout bounds in-flight dispatches at shutdown; 0 means
 	// Timeout.
 	ShutdownTimeout time.Duration
+	// MaxBodyBytes bounds the body sent to the backend; a larger message
+	// is dead-lettered undispatched. 0 means no bound.
+	MaxBodyBytes int
 	// MeterProvider records the agent's metrics, TracerProvider its
 	// consumer spans, and Propagator reads the publisher's trace context
 	// from the message headers and writes it into the backend request.

@@ -61,7 +61,8 @@ type decision struct {
 func (a *Agent) decide(m *message, r result) decision {
 	retry, dead := a.opts.Retry, a.opts.DeadLetter
 	attempt := min(max(m.attempt(), 1), retry.MaxAttempts)
-	giveUp := attempt >= retry.MaxAttempts || r.status != 0 && slices.Contains(dead.Statuses, r.status)
+	giveUp := attempt >= retry.MaxAttempts || r.kind == kindTooLarge ||
+		r.status != 0 && slices.Contains(dead.Statuses, r.status)
 	switch {
 	case giveUp && dead.Broker:
 		return decision{outcome: OutcomeDeadLettered, attempt: attempt, broker: true}

@@ -68,7 +68,10 @@ func (a *Agent) failAfterPanic(ctx context.Context, sess session, m *message, r 
 func (a *Agent) process(ctx context.Context, sess session, m *message) (string, result) {
 	if a.opts.Session.AutoAck {
 		_ = a.wait(ctx)
-		r := a.dispatch(ctx, m)
+		r, big := a.tooLarge(m)
+		if !big {
+			r = a.dispatch(ctx, m)
+		}
 		m.outcome = OutcomeAutoAcked
 		a.metrics.onSettled(OutcomeAutoAcked)
 		return OutcomeAutoAcked, r
@@ -76,6 +79,14 @@ func (a *Agent) process(ctx context.Context, sess session, m *message) (string, 
 	if ctx.Err() != nil || a.wait(ctx) != nil {
 		r := result{reason: "agent stopping"}
 		return a.settle(sess, m, r, false), r
+	}
+	if r, big := a.tooLarge(m); big {
+		a.stats.failed.Add(1)
+		a.stats.lastReason.Store(r.reason)
+		if !a.ownsRetries() {
+			return a.settle(sess, m, r, true), r
+		}
+		return a.fail(ctx, sess, m, r), r
 	}
 	r := a.dispatch(ctx, m)
 	if !r.ok && m.bound.Err() != nil {
@@ -87,6 +98,16 @@ func (a *Agent) process(ctx context.Context, sess session, m *message) (string, 
 		return a.settle(sess, m, r, a.opts.NackDiscard), r
 	}
 	return a.fail(ctx, sess, m, r), r
+}
+
+// tooLarge tells whether a message's body is over max_body_bytes: such a
+// message never reaches the backend.
+func (a *Agent) tooLarge(m *message) (result, bool) {
+	if n := len(m.d.Body); a.opts.MaxBodyBytes > 0 && n > a.opts.MaxBodyBytes {
+		return result{reason: fmt.Sprintf("the body of %d bytes is over max_body_bytes (%d): not sent to the backend", n, a.opts.MaxBodyBytes),
+			kind: kindTooLarge}, true
+	}
+	return result{}, false
 }
 
 // dispatch runs the backend pipeline for one message. Its deadline is the

@@ -3,6 +3,7 @@ package driver
 import (
 	"context"
 	"errors"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -104,5 +105,36 @@ func TestHeldMessagesGoBackWithTheSession(t *testing.T) {
 	}
 	if n := a.metrics.heldNow(); n != 0 {
 		t.Errorf("%d messages still counted held after the session", n)
+	}
+}
+
+// A message over max_body_bytes never reaches the backend: it is
+// dead-lettered at once, with the reason.
+func TestTooLargeIsDeadLetteredUndispatched(t *testing.T) {
+	var calls atomic.Int64
+	a := New(Options{
+		Name: "sizer", Workers: 1, Timeout: time.Second, Logger: logging.NoOp, MaxBodyBytes: 8,
+		Session:    consumer.Settings{Topology: consumer.Topology{Queue: "work"}},
+		DeadLetter: config.DeadLetter{Queue: "dead"},
+		Proxy: func(context.Context, *proxy.Request) (*proxy.Response, error) {
+			calls.Add(1)
+			return &proxy.Response{IsComplete: true, Metadata: proxy.Metadata{StatusCode: 200}}, nil
+		},
+	})
+	pub, acker := &panickyPublisher{}, &fakeAcker{}
+	ch := make(chan amqp.Delivery, 2)
+	ch <- amqp.Delivery{Acknowledger: acker, DeliveryTag: 1, Body: []byte("123456789")}
+	ch <- amqp.Delivery{Acknowledger: acker, DeliveryTag: 2, Body: []byte("12345678")}
+	close(ch)
+	a.work(context.Background(), context.Background(), panickySession{panickyPublisher: pub, ch: ch})
+	if n := calls.Load(); n != 1 {
+		t.Errorf("the backend was called %d times, want once (the 8-byte message only)", n)
+	}
+	wantSettled(t, acker, 2, ack)
+	if got := routes(pub.copies); len(got) != 1 || got[0] != "/dead" {
+		t.Fatalf("copies %v, want the large message dead-lettered", got)
+	}
+	if reason, _ := pub.copies[0].msg.Headers[HeaderLastError].(string); !strings.Contains(reason, "max_body_bytes") {
+		t.Errorf("dead letter reason %q does not name max_body_bytes", reason)
 	}
 }

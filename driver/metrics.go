@@ -70,7 +70,7 @@ func newMetrics(provider metric.MeterProvider, agent, queue string) *metrics {
 		m.outcomes[o] = with("outcome", o)
 	}
 	m.failures = map[string]metric.MeasurementOption{}
-	for _, kind := range []string{"timeout", "http_status", "incomplete", "no_response", "panic", "error"} {
+	for _, kind := range []string{"timeout", "http_status", "incomplete", "no_response", "panic", kindTooLarge, "error"} {
 		m.failures[kind] = with("error.type", kind)
 	}
 	// Instrument creation only fails on invalid names; a failed one is a

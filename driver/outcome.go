@@ -23,9 +23,14 @@ type result struct {
 	// status is the backend's HTTP status when Lura exposes it, else 0.
 	status int
 	// kind classes a failure for metrics (OpenTelemetry's error.type):
-	// timeout, http_status, incomplete, no_response, panic or error.
+	// timeout, http_status, incomplete, no_response, panic, too_large or
+	// error.
 	kind string
 }
+
+// kindTooLarge is the failure of a message over max_body_bytes: it is
+// dead-lettered at once, never retried.
+const kindTooLarge = "too_large"
 
 // judge decides whether a pipeline answer means the message was handled.
 // Only a 2xx counts: a complete answer with no error and, when Lura

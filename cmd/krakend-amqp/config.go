@@ -38,6 +38,9 @@ type findings struct {
 	problems []string
 	// warnings do not: an agent no driver here starts, say.
 	warnings []string
+	// agentWarnings are asyncamqp.Warnings: check prints them, and each
+	// agent logs its own when it starts.
+	agentWarnings []string
 }
 
 // inspect validates what Lura's parser does not: the logging and metrics
@@ -68,8 +71,12 @@ func inspect(cfg *luraconfig.ServiceConfig) findings {
 			f.warnings = append(f.warnings, fmt.Sprintf("agent %q: extra_config: no %q block; no driver in this gateway starts it", agent.Name, asyncamqp.Namespace))
 			continue
 		}
-		for _, err := range flatten(asyncamqp.Check(agent)) {
+		errs := flatten(asyncamqp.Check(agent))
+		for _, err := range errs {
 			f.problems = append(f.problems, oneLine(err.Error()))
+		}
+		if len(errs) == 0 {
+			f.agentWarnings = append(f.agentWarnings, asyncamqp.Warnings(agent)...)
 		}
 	}
 	return f
@@ -142,7 +149,7 @@ func printFindings(w io.Writer, file string, f findings) {
 	for _, p := range f.problems {
 		fmt.Fprintf(w, "%s: %s\n", file, p)
 	}
-	for _, warning := range f.warnings {
+	for _, warning := range append(f.warnings, f.agentWarnings...) {
 		fmt.Fprintf(w, "%s: warning: %s\n", file, warning)
 	}
 }
