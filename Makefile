@@ -1,6 +1,6 @@
 # Build and test targets. Needs only Go and a C compiler (for -race).
 # `make test` also needs a RabbitMQ at AMQP_URL and rabbitmqctl on PATH:
-# see README.md, "Testing". CI runs .ci/run, which starts one and then
+# see CONTRIBUTING.md, "Running the tests". CI runs .ci/run, which starts one and then
 # runs `make test` and `make demo`.
 #
 # The repository holds several Go modules: the library (the root, the only

@@ -301,10 +301,14 @@ func TestBlockedPublishingDoesNotStallAcks(t *testing.T) {
 		return ready == 0 && unacked == 1
 	})
 	clear()
-	brokertest.Eventually(t, 30*time.Second, "the bad message retried once unblocked", func() bool { return len(log.of("bad")) == 2 })
+	brokertest.Eventually(t, 30*time.Second, "the bad message retried once unblocked", func() bool { return len(log.of("bad")) >= 2 })
 	f.waitEmpty(t)
 	gw.expectLogs(t, "the broker unblocked publishing")
-	if got := attemptsOf(log.of("bad")); !slices.Equal(got, []string{"1", "2"}) {
-		t.Errorf("the bad message: attempts %v, want [1 2]", got)
+	// A copy whose confirmation did not come while publishing was blocked
+	// is tried again, and the first one may land as well: the retry can be
+	// dispatched twice, never past its attempt.
+	got := attemptsOf(log.of("bad"))
+	if len(got) < 2 || len(got) > 3 || got[0] != "1" || slices.ContainsFunc(got[1:], func(a string) bool { return a != "2" }) {
+		t.Errorf("the bad message: attempts %v, want 1, then 2 (once, or twice after a blocked copy)", got)
 	}
 }

@@ -24,6 +24,7 @@ type acks struct {
 	next    uint64            // lowest tag not settled yet
 	waiting map[uint64]string // acked tags above a gap, with their outcome
 	sent    map[uint64]bool   // tags above a gap settled one by one
+	stuck   map[uint64]bool   // held tags: gaps that last
 	hold    int               // most finished tags kept waiting on a gap
 }
 
@@ -33,6 +34,7 @@ type ackRequest struct {
 	ack     bool
 	requeue bool
 	outcome string
+	held    bool // not a settlement: the tag stays unsettled a while
 }
 
 func newAcks(a *Agent, prefetch int) *acks {
@@ -42,15 +44,21 @@ func newAcks(a *Agent, prefetch int) *acks {
 	}
 	q := &acks{
 		agent: a, requests: make(chan ackRequest, max(prefetch, 64)), done: make(chan struct{}),
-		next: 1, waiting: map[uint64]string{}, sent: map[uint64]bool{}, hold: max(hold, 1),
+		next: 1, waiting: map[uint64]string{}, sent: map[uint64]bool{}, stuck: map[uint64]bool{}, hold: max(hold, 1),
 	}
 	go q.run()
 	return q
 }
 
-// push hands a settled delivery over; it never blocks for long.
-func (q *acks) push(d *amqp.Delivery, ack, requeue bool, outcome string) {
-	q.requests <- ackRequest{ch: d.Acknowledger, tag: d.DeliveryTag, ack: ack, requeue: requeue, outcome: outcome}
+// settle hands a settled message over; it never blocks for long.
+func (q *acks) settle(m *message, ack, requeue bool, outcome string) {
+	q.requests <- ackRequest{ch: m.d.Acknowledger, tag: m.d.DeliveryTag, ack: ack, requeue: requeue, outcome: outcome}
+}
+
+// holding marks a message whose settlement waits on its copy: finished
+// messages after it are acked one by one at once rather than wait.
+func (q *acks) holding(m *message) {
+	q.requests <- ackRequest{ch: m.d.Acknowledger, tag: m.d.DeliveryTag, held: true}
 }
 
 // close flushes what is left and waits for the goroutine to end. Call it
@@ -88,6 +96,11 @@ func (q *acks) drain() {
 
 func (q *acks) take(req ackRequest) {
 	q.ch = req.ch
+	if req.held {
+		q.stuck[req.tag] = true
+		return
+	}
+	delete(q.stuck, req.tag)
 	if !req.ack {
 		q.agent.recordSettle(req.ch.Nack(req.tag, false, req.requeue), req.outcome)
 		q.sent[req.tag] = true
@@ -120,7 +133,7 @@ func (q *acks) flush(all bool) {
 			q.agent.recordSettle(err, o)
 		}
 	}
-	if all || len(q.waiting) >= q.hold {
+	if all || len(q.waiting) >= q.hold || q.stuck[q.next] {
 		for tag, o := range q.waiting {
 			q.agent.recordSettle(q.ch.Ack(tag, false), o)
 			delete(q.waiting, tag)

@@ -90,10 +90,10 @@ func TestAcksSettleEveryTagOnceWhateverTheOrder(t *testing.T) {
 					for tag := range tags {
 						if r.Intn(4) == 0 {
 							// finish out of order now and then
-							defer q.push(&amqp.Delivery{Acknowledger: ch, DeliveryTag: tag}, !fails(tag, tc.failEach), true, OutcomeAcked)
+							defer q.settle(&message{d: &amqp.Delivery{Acknowledger: ch, DeliveryTag: tag}}, !fails(tag, tc.failEach), true, OutcomeAcked)
 							continue
 						}
-						q.push(&amqp.Delivery{Acknowledger: ch, DeliveryTag: tag}, !fails(tag, tc.failEach), true, OutcomeAcked)
+						q.settle(&message{d: &amqp.Delivery{Acknowledger: ch, DeliveryTag: tag}}, !fails(tag, tc.failEach), true, OutcomeAcked)
 					}
 				}(int64(w))
 			}
@@ -146,15 +146,15 @@ func TestAcksDoNotHoldAFullWindowBehindASlowMessage(t *testing.T) {
 	// Tag 1 is slow; tags 2..11 finish: half the window is then acked one
 	// by one, before tag 1 is done.
 	for tag := uint64(2); tag <= 11; tag++ {
-		q.push(&amqp.Delivery{Acknowledger: ch, DeliveryTag: tag}, true, false, OutcomeAcked)
+		q.settle(&message{d: &amqp.Delivery{Acknowledger: ch, DeliveryTag: tag}}, true, false, OutcomeAcked)
 	}
 	waitFor(t, func() bool {
 		ch.mu.Lock()
 		defer ch.mu.Unlock()
 		return len(ch.acked) == 10
 	})
-	q.push(&amqp.Delivery{Acknowledger: ch, DeliveryTag: 1}, true, false, OutcomeAcked)
-	q.push(&amqp.Delivery{Acknowledger: ch, DeliveryTag: 12}, true, false, OutcomeAcked)
+	q.settle(&message{d: &amqp.Delivery{Acknowledger: ch, DeliveryTag: 1}}, true, false, OutcomeAcked)
+	q.settle(&message{d: &amqp.Delivery{Acknowledger: ch, DeliveryTag: 12}}, true, false, OutcomeAcked)
 	q.close()
 	if ch.err != nil {
 		t.Fatal(ch.err)
@@ -176,3 +176,30 @@ func waitFor(t *testing.T, cond func() bool) {
 }
 
 func runtimeGosched() { time.Sleep(time.Millisecond) }
+
+// A held message (its copy failed) is a gap that lasts: the messages
+// finished after it are acked at once, one by one, not after half the
+// window, and the held one is acked on its own once its copy is made.
+func TestAcksDoNotWaitOnAHeldMessage(t *testing.T) {
+	a := New(Options{Name: "acks", Logger: logging.NoOp})
+	ch := newBrokerChannel(4)
+	q := newAcks(a, 20)
+	held := &message{d: &amqp.Delivery{Acknowledger: ch, DeliveryTag: 1}}
+	q.holding(held)
+	for tag := uint64(2); tag <= 3; tag++ {
+		q.settle(&message{d: &amqp.Delivery{Acknowledger: ch, DeliveryTag: tag}}, true, false, OutcomeAcked)
+	}
+	waitFor(t, func() bool {
+		ch.mu.Lock()
+		defer ch.mu.Unlock()
+		return len(ch.acked) == 2
+	})
+	q.settle(held, true, false, OutcomeRetried)
+	q.close()
+	if ch.err != nil {
+		t.Fatal(ch.err)
+	}
+	if len(ch.acked) != 3 {
+		t.Errorf("acked %d tags, want 3", len(ch.acked))
+	}
+}

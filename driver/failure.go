@@ -88,26 +88,26 @@ func (a *Agent) decide(m *message, r result) decision {
 // only once the broker confirmed the copy. A message whose copy cannot be
 // made is held, unacknowledged, while the copy is tried again: the backend
 // is not called for it meanwhile. It returns the outcome.
-func (a *Agent) fail(ctx context.Context, pub publisher, m *message, r result) string {
+func (a *Agent) fail(ctx context.Context, f *flow, m *message, r result) string {
 	dec := a.decide(m, r)
 	if dec.broker {
 		a.stats.deadLettered.Add(1)
 		a.stats.lastDeadLetter.Store(r.reason)
-		return a.settleAs(pub, m, result{reason: r.reason}, true, OutcomeDeadLettered)
+		return a.settleAs(f, m, result{reason: r.reason}, true, OutcomeDeadLettered)
 	}
-	if err := a.copy(ctx, pub, m, dec, r.reason); err != nil {
+	if err := a.copy(ctx, f, m, dec, r.reason); err != nil {
 		a.stats.copyFailed.Add(1)
 		a.stats.lastCopyError.Store(err.Error())
-		if h := holderOf(pub); h != nil && ctx.Err() == nil {
-			h.add(heldCopy{m: m, dec: dec, reason: r.reason})
+		if f.held != nil && ctx.Err() == nil {
+			f.held.add(heldCopy{m: m, dec: dec, reason: r.reason})
 			return OutcomeHeld
 		}
-		// No holder (a session without a settler), or stopping: the
-		// message goes back to the queue.
+		// No holder (a session that settles on the spot), or stopping:
+		// the message goes back to the queue.
 		sleep(ctx, min(a.opts.Retry.Delay, 5*time.Second))
-		return a.settle(pub, m, result{reason: r.reason}, false)
+		return a.settle(f, m, result{reason: r.reason}, false)
 	}
-	return a.settleAs(pub, m, result{ok: true}, false, dec.outcome)
+	return a.settleAs(f, m, result{ok: true}, false, dec.outcome)
 }
 
 // copy makes the retry or dead-letter copy a decision calls for.
@@ -119,14 +119,6 @@ func (a *Agent) copy(ctx context.Context, pub publisher, m *message, dec decisio
 		a.stats.exhausted.Add(1)
 	}
 	return a.retry(ctx, pub, m, dec, reason)
-}
-
-// holderOf returns the session's holder of failed messages, if it has one.
-func holderOf(pub publisher) *held {
-	if b, ok := pub.(batched); ok {
-		return b.held
-	}
-	return nil
 }
 
 func (a *Agent) retry(ctx context.Context, pub publisher, m *message, dec decision, reason string) error {

@@ -317,10 +317,18 @@ func (a *Agent) msg(d *amqp.Delivery) *message {
 	return m
 }
 
-// failDelivery runs the failure path of a delivery.
+// failDelivery runs the failure path of a delivery, settled on the spot.
 func (a *Agent) failDelivery(ctx context.Context, pub publisher, d *amqp.Delivery, r result) string {
-	return a.fail(ctx, pub, a.msg(d), r)
+	return a.fail(ctx, a.flowOf(publishOnly{pub}), a.msg(d), r)
 }
+
+// flowOf is a session's flow that settles on the spot, with no holder.
+func (a *Agent) flowOf(s session) *flow { return &flow{session: s, settler: directSettler{a}} }
+
+// publishOnly is a session that delivers nothing.
+type publishOnly struct{ publisher }
+
+func (publishOnly) Deliveries() <-chan amqp.Delivery { return nil }
 
 func TestAgentFail(t *testing.T) {
 	retry := config.Retry{MaxAttempts: 6, Delay: time.Second, MaxDelay: 4 * time.Second, Multiplier: 2}

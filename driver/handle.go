@@ -11,30 +11,30 @@ import (
 // dead letter, inside the message's consumer span. Nothing in one
 // message's handling can stop the worker: a panic is recovered, logged,
 // and the message takes the failure path.
-func (a *Agent) handle(ctx, bound context.Context, sess session, d *amqp.Delivery) {
+func (a *Agent) handle(ctx, bound context.Context, f *flow, d *amqp.Delivery) {
 	a.metrics.onReceived()
 	a.received.Add(1)
 	m := &message{d: d, exchange: d.Exchange, key: d.RoutingKey, bound: bound}
 	ctx, span := a.tracing.begin(ctx, d)
-	outcome, r := a.safely(ctx, sess, m)
+	outcome, r := a.safely(ctx, f, m)
 	a.tracing.end(span, m, outcome, r)
 }
 
 // safely reads and processes a message, recovering from a panic in either.
-func (a *Agent) safely(ctx context.Context, sess session, m *message) (outcome string, r result) {
+func (a *Agent) safely(ctx context.Context, f *flow, m *message) (outcome string, r result) {
 	defer func() {
 		if p := recover(); p != nil {
-			outcome, r = a.recovered(ctx, sess, m, p)
+			outcome, r = a.recovered(ctx, f, m, p)
 		}
 	}()
 	a.read(m)
-	return a.process(ctx, sess, m)
+	return a.process(ctx, f, m)
 }
 
 // recovered handles a panic in the handling of one message: one ERROR
 // line, then, unless the message was already settled, the failure path
 // (a retry copy or a dead letter, with the reason in its headers).
-func (a *Agent) recovered(ctx context.Context, sess session, m *message, p interface{}) (string, result) {
+func (a *Agent) recovered(ctx context.Context, f *flow, m *message, p interface{}) (string, result) {
 	r := result{reason: oneLine(fmt.Sprint("panic while handling the message: ", p)), kind: "panic"}
 	a.log.Error(fmt.Sprintf("message %q: %s; the agent goes on", shortID(m.d), r.reason))
 	a.stats.failed.Add(1)
@@ -42,13 +42,13 @@ func (a *Agent) recovered(ctx context.Context, sess session, m *message, p inter
 	if m.outcome != "" || a.opts.Session.AutoAck {
 		return m.outcome, r
 	}
-	return a.failAfterPanic(ctx, sess, m, r), r
+	return a.failAfterPanic(ctx, f, m, r), r
 }
 
 // failAfterPanic sends a message whose handling panicked down the failure
 // path. Should that panic too, the message is left unacknowledged: the
 // broker redelivers it when the session ends, and nothing spins.
-func (a *Agent) failAfterPanic(ctx context.Context, sess session, m *message, r result) (outcome string) {
+func (a *Agent) failAfterPanic(ctx context.Context, f *flow, m *message, r result) (outcome string) {
 	defer func() {
 		if p := recover(); p != nil {
 			a.log.Error(fmt.Sprintf("message %q: its failure path panicked too (%v): it stays unacknowledged until the session ends",
@@ -58,14 +58,14 @@ func (a *Agent) failAfterPanic(ctx context.Context, sess session, m *message, r 
 		}
 	}()
 	if !a.ownsRetries() {
-		return a.settle(sess, m, r, a.opts.NackDiscard)
+		return a.settle(f, m, r, a.opts.NackDiscard)
 	}
-	return a.fail(ctx, sess, m, r)
+	return a.fail(ctx, f, m, r)
 }
 
 // process dispatches a message and settles it; it returns the outcome
 // and the dispatch result.
-func (a *Agent) process(ctx context.Context, sess session, m *message) (string, result) {
+func (a *Agent) process(ctx context.Context, f *flow, m *message) (string, result) {
 	if a.opts.Session.AutoAck {
 		_ = a.wait(ctx)
 		r, big := a.tooLarge(m)
@@ -78,26 +78,26 @@ func (a *Agent) process(ctx context.Context, sess session, m *message) (string, 
 	}
 	if ctx.Err() != nil || a.wait(ctx) != nil {
 		r := result{reason: "agent stopping"}
-		return a.settle(sess, m, r, false), r
+		return a.settle(f, m, r, false), r
 	}
 	if r, big := a.tooLarge(m); big {
 		a.stats.failed.Add(1)
 		a.stats.lastReason.Store(r.reason)
 		if !a.ownsRetries() {
-			return a.settle(sess, m, r, true), r
+			return a.settle(f, m, r, true), r
 		}
-		return a.fail(ctx, sess, m, r), r
+		return a.fail(ctx, f, m, r), r
 	}
 	r := a.dispatch(ctx, m)
 	if !r.ok && m.bound.Err() != nil {
 		// Cut short at the shutdown bound: not a failed attempt.
 		r = result{reason: "cancelled at the shutdown bound"}
-		return a.settle(sess, m, r, false), r
+		return a.settle(f, m, r, false), r
 	}
 	if r.ok || !a.ownsRetries() {
-		return a.settle(sess, m, r, a.opts.NackDiscard), r
+		return a.settle(f, m, r, a.opts.NackDiscard), r
 	}
-	return a.fail(ctx, sess, m, r), r
+	return a.fail(ctx, f, m, r), r
 }
 
 // tooLarge tells whether a message's body is over max_body_bytes: such a
@@ -135,43 +135,4 @@ func (a *Agent) dispatch(ctx context.Context, m *message) (r result) {
 	resp, err := a.opts.Proxy(dctx, req)
 	discardBody(resp)
 	return judge(resp, err)
-}
-
-// settle acks a handled message and nacks the others, and returns the
-// outcome.
-func (a *Agent) settle(via interface{}, m *message, r result, discard bool) string {
-	outcome := OutcomeAcked
-	switch {
-	case r.ok:
-	case discard:
-		outcome = OutcomeDiscarded
-	default:
-		outcome = OutcomeRequeued
-	}
-	return a.settleAs(via, m, r, discard, outcome)
-}
-
-// settleAs acks or nacks a message and counts its outcome: through the
-// session's settler when via has one, else on the spot. It returns the
-// outcome.
-func (a *Agent) settleAs(via interface{}, m *message, r result, discard bool, outcome string) string {
-	m.outcome = outcome
-	if b, ok := via.(batched); ok {
-		b.q.push(m.d, r.ok, !discard, outcome)
-		return outcome
-	}
-	a.recordSettle(settle(m.d, r, discard), outcome)
-	return outcome
-}
-
-// recordSettle counts a message's outcome, or counts it unsettled when
-// the channel refused the ack or nack: the broker then redelivers it.
-func (a *Agent) recordSettle(err error, outcome string) {
-	if err != nil {
-		a.stats.unsettled.Add(1)
-		a.metrics.onSettled(OutcomeUnsettled)
-		a.log.Debug("ack/nack refused, the broker will redeliver:", err)
-		return
-	}
-	a.metrics.onSettled(outcome)
 }

@@ -66,7 +66,7 @@ func TestPanicInTheFailurePathIsRecovered(t *testing.T) {
 	pub := &panickyPublisher{}
 	pub.panics.Store(1)
 	acker := &fakeAcker{}
-	a.work(context.Background(), context.Background(), panickySession{panickyPublisher: pub, ch: oneDelivery(acker)})
+	a.work(context.Background(), context.Background(), a.flowOf(panickySession{panickyPublisher: pub, ch: oneDelivery(acker)}))
 
 	if got := routes(pub.copies); len(got) != 1 || got[0] != "/work.retry.1s" {
 		t.Fatalf("copies %v, want one retry copy", got)
@@ -102,7 +102,7 @@ func TestPanicTwiceLeavesTheMessageUnacked(t *testing.T) {
 	ch <- amqp.Delivery{Acknowledger: acker, DeliveryTag: 1, RoutingKey: "k", Body: []byte("{}")}
 	ch <- amqp.Delivery{Acknowledger: acker, DeliveryTag: 2, RoutingKey: "k", Body: []byte("{}")}
 	close(ch)
-	a.work(context.Background(), context.Background(), panickySession{panickyPublisher: pub, ch: ch})
+	a.work(context.Background(), context.Background(), a.flowOf(panickySession{panickyPublisher: pub, ch: ch}))
 
 	by := acker.byTag()
 	if len(by[1]) != 0 {
@@ -130,7 +130,7 @@ func TestPanicInTheBuildsTelemetryDoesNotStopTheMessage(t *testing.T) {
 		return &proxy.Response{IsComplete: true, Metadata: proxy.Metadata{StatusCode: 200}}, nil
 	}
 	acker := &fakeAcker{}
-	a.work(context.Background(), context.Background(), &fakeSession{ch: oneDelivery(acker)})
+	a.work(context.Background(), context.Background(), a.flowOf(&fakeSession{ch: oneDelivery(acker)}))
 	wantSettled(t, acker, 1, ack)
 }
 
@@ -146,7 +146,7 @@ func TestPanicWhileSettlingIsNotSettledTwice(t *testing.T) {
 		return &proxy.Response{IsComplete: true, Metadata: proxy.Metadata{StatusCode: 200}}, nil
 	}
 	acker := &panickyAcker{}
-	a.work(context.Background(), context.Background(), panickySession{panickyPublisher: &panickyPublisher{}, ch: oneDelivery(acker)})
+	a.work(context.Background(), context.Background(), a.flowOf(panickySession{panickyPublisher: &panickyPublisher{}, ch: oneDelivery(acker)}))
 	if calls := acker.byTag()[1]; len(calls) != 0 {
 		t.Errorf("settled again after the panic: %v", calls)
 	}

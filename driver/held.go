@@ -23,8 +23,7 @@ const OutcomeHeld = "held"
 // the session ends goes back to the queue.
 type held struct {
 	agent *Agent
-	pub   publisher
-	via   interface{} // the session's settler
+	f     *flow // the session's publisher and settler
 	mu    sync.Mutex
 	list  []heldCopy
 	wake  chan struct{}
@@ -38,14 +37,15 @@ type heldCopy struct {
 	reason string
 }
 
-func newHeld(a *Agent, pub publisher, via interface{}) *held {
-	h := &held{agent: a, pub: pub, via: via, wake: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
+func newHeld(a *Agent, f *flow) *held {
+	h := &held{agent: a, f: f, wake: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
 	go h.run()
 	return h
 }
 
 // add holds a message whose copy failed.
 func (h *held) add(c heldCopy) {
+	h.f.settler.holding(c.m)
 	h.mu.Lock()
 	h.list = append(h.list, c)
 	h.mu.Unlock()
@@ -122,12 +122,12 @@ func (h *held) retry(c heldCopy) (made bool) {
 			made = false
 		}
 	}()
-	if err := a.copy(context.Background(), h.pub, c.m, c.dec, c.reason); err != nil {
+	if err := a.copy(context.Background(), h.f, c.m, c.dec, c.reason); err != nil {
 		a.stats.copyFailed.Add(1)
 		a.stats.lastCopyError.Store(err.Error())
 		return false
 	}
-	a.settleAs(h.via, c.m, result{ok: true}, false, c.dec.outcome)
+	a.settleAs(h.f, c.m, result{ok: true}, false, c.dec.outcome)
 	return true
 }
 

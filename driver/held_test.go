@@ -126,7 +126,7 @@ func TestTooLargeIsDeadLetteredUndispatched(t *testing.T) {
 	ch <- amqp.Delivery{Acknowledger: acker, DeliveryTag: 1, Body: []byte("123456789")}
 	ch <- amqp.Delivery{Acknowledger: acker, DeliveryTag: 2, Body: []byte("12345678")}
 	close(ch)
-	a.work(context.Background(), context.Background(), panickySession{panickyPublisher: pub, ch: ch})
+	a.work(context.Background(), context.Background(), a.flowOf(panickySession{panickyPublisher: pub, ch: ch}))
 	if n := calls.Load(); n != 1 {
 		t.Errorf("the backend was called %d times, want once (the 8-byte message only)", n)
 	}

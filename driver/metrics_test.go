@@ -19,7 +19,7 @@ func TestMetricsCountEveryOutcomeOnce(t *testing.T) {
 	a := New(Options{Name: "m", Session: consumer.Settings{Topology: consumer.Topology{Queue: "q"}},
 		Workers: 1, Timeout: time.Minute, Proxy: p.proxy, Logger: logging.NoOp, MeterProvider: rec})
 	acker := &fakeAcker{}
-	a.work(context.Background(), context.Background(), deliveries(acker, "ok", "500", "err", "ok", "404"))
+	a.work(context.Background(), context.Background(), a.flowOf(deliveries(acker, "ok", "500", "err", "ok", "404")))
 
 	got := rec.snapshot()
 	want := map[string]int64{
@@ -40,7 +40,7 @@ func TestMetricsCountRefusedAcksAsUnsettled(t *testing.T) {
 	rec := newMeterRecorder()
 	p := &outcomeProxy{}
 	a := New(Options{Name: "m", Workers: 1, Timeout: time.Minute, Proxy: p.proxy, Logger: logging.NoOp, MeterProvider: rec})
-	a.work(context.Background(), context.Background(), deliveries(&fakeAcker{err: context.Canceled}, "ok", "ok"))
+	a.work(context.Background(), context.Background(), a.flowOf(deliveries(&fakeAcker{err: context.Canceled}, "ok", "ok")))
 	if got := rec.snapshot()["krakend.amqp.messages.settled/unsettled"]; got != 2 {
 		t.Errorf("unsettled = %d, want 2", got)
 	}

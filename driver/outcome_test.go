@@ -405,7 +405,7 @@ func TestAgentWork(t *testing.T) {
 				wg.Add(1)
 				go func() {
 					defer wg.Done()
-					a.work(ctx, context.WithoutCancel(ctx), ch)
+					a.work(ctx, context.WithoutCancel(ctx), a.flowOf(ch))
 				}()
 			}
 			wg.Wait()
@@ -443,7 +443,7 @@ func TestAgentDispatch(t *testing.T) {
 		a := New(Options{Name: "test", Session: consumer.Settings{AutoAck: true}, Timeout: time.Minute, Proxy: p.proxy, Logger: logging.NoOp})
 		ctx, cancel := context.WithCancel(context.Background())
 		cancel()
-		a.work(ctx, context.WithoutCancel(ctx), deliveries(&fakeAcker{}, "ok", "ok"))
+		a.work(ctx, context.WithoutCancel(ctx), a.flowOf(deliveries(&fakeAcker{}, "ok", "ok")))
 		if len(p.ctxErrs) != 2 {
 			t.Fatalf("%d dispatches, want 2", len(p.ctxErrs))
 		}
@@ -461,7 +461,7 @@ func TestAgentDispatch(t *testing.T) {
 		p := &outcomeProxy{}
 		acker := &fakeAcker{}
 		a := New(Options{Name: "test", Timeout: time.Minute, Proxy: p.proxy, Logger: logging.NoOp})
-		a.work(context.Background(), context.Background(), deliveries(acker, "body", "body"))
+		a.work(context.Background(), context.Background(), a.flowOf(deliveries(acker, "body", "body")))
 		if len(p.bodies) != 2 {
 			t.Fatalf("%d bodies, want 2", len(p.bodies))
 		}
@@ -555,7 +555,7 @@ func TestAgentReport(t *testing.T) {
 				Proxy:       p.proxy,
 				Logger:      l,
 			})
-			a.work(context.Background(), context.Background(), deliveries(&fakeAcker{err: tc.ackErr}, tc.bodies...))
+			a.work(context.Background(), context.Background(), a.flowOf(deliveries(&fakeAcker{err: tc.ackErr}, tc.bodies...)))
 			if buf.Len() != 0 {
 				t.Errorf("logged per message at INFO: %q", buf.String())
 			}

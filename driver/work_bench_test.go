@@ -43,7 +43,7 @@ func benchWork(b *testing.B, opts Options) {
 	}()
 	b.ReportAllocs()
 	b.ResetTimer()
-	a.work(context.Background(), context.Background(), &fakeSession{ch: ch})
+	a.work(context.Background(), context.Background(), a.flowOf(&fakeSession{ch: ch}))
 }
 
 // BenchmarkWork is the path of every message with no tracer and no

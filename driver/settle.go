@@ -1,0 +1,64 @@
+package driver
+
+// settler acks or nacks the messages of one session and counts their
+// outcomes. It is chosen once per session: the ack batcher (acks.go)
+// when the agent acks, the direct settler with auto_ack and in tests.
+type settler interface {
+	settle(m *message, ack, requeue bool, outcome string)
+	// holding says a message stays unsettled for a while (its copy could
+	// not be made): the acks of the messages after it need not wait.
+	holding(m *message)
+}
+
+// directSettler acks or nacks each message on the spot.
+type directSettler struct{ a *Agent }
+
+func (s directSettler) settle(m *message, ack, requeue bool, outcome string) {
+	s.a.recordSettle(settle(m.d, result{ok: ack}, !requeue), outcome)
+}
+
+func (directSettler) holding(*message) {}
+
+// flow is what the workers of one session share: the session they take
+// deliveries from and publish copies on, the settler of their messages,
+// and the holder of the messages whose copies failed (nil when the
+// driver does not own retries).
+type flow struct {
+	session
+	settler settler
+	held    *held
+}
+
+// settle acks a handled message and nacks the others, and returns the
+// outcome.
+func (a *Agent) settle(f *flow, m *message, r result, discard bool) string {
+	outcome := OutcomeAcked
+	switch {
+	case r.ok:
+	case discard:
+		outcome = OutcomeDiscarded
+	default:
+		outcome = OutcomeRequeued
+	}
+	return a.settleAs(f, m, r, discard, outcome)
+}
+
+// settleAs acks (r.ok) or nacks a message through the session's settler
+// and returns the outcome it counts.
+func (a *Agent) settleAs(f *flow, m *message, r result, discard bool, outcome string) string {
+	m.outcome = outcome
+	f.settler.settle(m, r.ok, !discard, outcome)
+	return outcome
+}
+
+// recordSettle counts a message's outcome, or counts it unsettled when
+// the channel refused the ack or nack: the broker then redelivers it.
+func (a *Agent) recordSettle(err error, outcome string) {
+	if err != nil {
+		a.stats.unsettled.Add(1)
+		a.metrics.onSettled(OutcomeUnsettled)
+		a.log.Debug("ack/nack refused, the broker will redeliver:", err)
+		return
+	}
+	a.metrics.onSettled(outcome)
+}
