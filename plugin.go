@@ -23,7 +23,6 @@ import (
 	"github.com/luraproject/lura/v2/async"
 	"github.com/luraproject/lura/v2/backoff"
 	luraconfig "github.com/luraproject/lura/v2/config"
-	"github.com/luraproject/lura/v2/encoding"
 	"github.com/luraproject/lura/v2/logging"
 	amqp "github.com/rabbitmq/amqp091-go"
 
@@ -76,17 +75,17 @@ func start(ctx context.Context, opts async.Options, s settings) bool {
 	if logger == nil {
 		logger = logging.NoOp
 	}
-	prefix := fmt.Sprintf("[SERVICE: AsyncAgent][AMQP][%s]", opts.Agent.Name)
-	if err := Check(opts.Agent); err != nil {
+	prefix := driver.LogPrefix(opts.Agent.Name)
+	p, err := prepare(opts.Agent, cfg, err)
+	if err != nil {
 		logger.Error(prefix, "not started, invalid configuration:", strings.ReplaceAll(err.Error(), "\n", "; "))
 		return true
 	}
-	tlsConfig, _ := cfg.TLS.Load() // checked above
-	for _, w := range warnings(cfg) {
+	for _, w := range warnings(p.cfg) {
 		logger.Warning(prefix, w)
 	}
 	warnIdleConns(logger, prefix, opts.Agent.Consumer.Workers)
-	agentOpts := agentOptions(opts, cfg, tlsConfig)
+	agentOpts := agentOptions(opts, p.cfg, p.tls)
 	agentOpts.MeterProvider, agentOpts.TracerProvider, agentOpts.Propagator = s.providers(logger, prefix)
 	agent := driver.New(agentOpts)
 	opts.G.Go(func() error {
@@ -94,85 +93,6 @@ func start(ctx context.Context, opts async.Options, s settings) bool {
 		return nil
 	})
 	return true
-}
-
-// Check validates an agent for this driver: its driver block and the Lura
-// fields the driver relies on. It rewrites the backends' url_pattern
-// placeholders ({routing_key}) into Lura's form. Every error names the
-// agent and the field.
-func Check(agent *luraconfig.AsyncAgent) error {
-	if agent == nil {
-		return errors.New("no agent to check")
-	}
-	var errs []error
-	cfg, err := config.FromExtraConfig(agent.ExtraConfig)
-	if err != nil {
-		errs = append(errs, blockErrors(agent, err))
-	} else if _, err := cfg.TLS.Load(); err != nil {
-		errs = append(errs, blockErrors(agent, err))
-	}
-	if needsTopic(cfg) && strings.TrimSpace(agent.Consumer.Topic) == "" {
-		errs = append(errs, fmt.Errorf("agent %q: consumer.topic: required: the routing key the queue is bound with (\"#\" takes every message)", agent.Name))
-	}
-	if agent.Consumer.MaxRate < 0 {
-		errs = append(errs, fmt.Errorf("agent %q: consumer.max_rate: must be 0 (unlimited) or more, got %v", agent.Name, agent.Consumer.MaxRate))
-	}
-	if agent.Consumer.Timeout < 0 {
-		errs = append(errs, fmt.Errorf("agent %q: consumer.timeout: must not be negative", agent.Name))
-	}
-	for i, b := range agent.Backend {
-		if b.Encoding == encoding.NOOP && len(agent.Backend) > 1 {
-			errs = append(errs, fmt.Errorf("agent %q: backend[%d].encoding: no-op works with one backend only: "+
-				"Lura's merge of several backends drops their status codes, so a failure could be acked", agent.Name, i))
-		}
-		pattern, err := driver.URLPattern(b.URLPattern)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("agent %q: backend[%d].url_pattern: %w", agent.Name, i, err))
-			continue
-		}
-		b.URLPattern = pattern
-	}
-	return errors.Join(errs...)
-}
-
-// Warnings lists what in a valid agent works but costs something the
-// operator should know, one line each naming the agent and the field: an
-// unverified broker certificate, retries on a queue that can vanish. It
-// says nothing of an agent this driver does not take or that Check
-// refuses.
-func Warnings(agent *luraconfig.AsyncAgent) []string {
-	if agent == nil {
-		return nil
-	}
-	cfg, err := config.FromExtraConfig(agent.ExtraConfig)
-	if err != nil {
-		return nil
-	}
-	var out []string
-	for _, w := range warnings(cfg) {
-		out = append(out, fmt.Sprintf("agent %q: %s", agent.Name, w))
-	}
-	return out
-}
-
-func warnings(cfg config.Config) []string {
-	var out []string
-	if cfg.TLS.InsecureSkipVerify {
-		out = append(out, "tls.insecure_skip_verify is set: the broker's certificate is not verified")
-	}
-	if (cfg.Delete || cfg.Exclusive) && !cfg.AutoAck && !cfg.NackDiscard {
-		out = append(out, "delete or exclusive with the driver's retries: a retry copy comes back to the queue "+
-			"through the broker's dead-lettering after its delay, and the broker drops it if the queue is gone by then "+
-			"(an auto-delete queue once its last consumer leaves, an exclusive one with its connection); "+
-			"use a durable, shared queue, or nack_discard")
-	}
-	return out
-}
-
-// needsTopic tells whether the binding needs consumer.topic: not when
-// routing_keys replace it, nor when the driver binds nothing.
-func needsTopic(cfg config.Config) bool {
-	return len(cfg.RoutingKeys) == 0 && cfg.ExchangeType != "fanout" && cfg.Topology == config.TopologyDeclare
 }
 
 // routingKeys are the binding keys: routing_keys, else consumer.topic.
@@ -238,35 +158,6 @@ func usesParams(backends []*luraconfig.Backend) bool {
 		}
 	}
 	return false
-}
-
-// blockErrors names the agent and the path of each problem of its
-// driver block, e.g. extra_config.async/amqp.prefetch_count.
-func blockErrors(agent *luraconfig.AsyncAgent, err error) error {
-	if errors.Is(err, config.ErrNoConfig) {
-		return fmt.Errorf("agent %q: %w", agent.Name, err)
-	}
-	path := "extra_config." + Namespace
-	if _, ok := agent.ExtraConfig[Namespace]; !ok {
-		path = "extra_config." + LegacyNamespace
-	}
-	var errs []error
-	for _, e := range unjoin(err) {
-		var field *config.FieldError
-		if errors.As(e, &field) {
-			errs = append(errs, fmt.Errorf("agent %q: %s.%w", agent.Name, path, e))
-			continue
-		}
-		errs = append(errs, fmt.Errorf("agent %q: %s: %w", agent.Name, path, e))
-	}
-	return errors.Join(errs...)
-}
-
-func unjoin(err error) []error {
-	if joined, ok := err.(interface{ Unwrap() []error }); ok {
-		return joined.Unwrap()
-	}
-	return []error{err}
 }
 
 func agentOptions(opts async.Options, cfg config.Config, tlsConfig *tls.Config) driver.Options {

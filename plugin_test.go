@@ -13,8 +13,10 @@ import (
 	luraconfig "github.com/luraproject/lura/v2/config"
 	"github.com/luraproject/lura/v2/logging"
 	"github.com/luraproject/lura/v2/proxy"
+	"go.opentelemetry.io/otel/metric"
 	metricnoop "go.opentelemetry.io/otel/metric/noop"
 	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
 	tracenoop "go.opentelemetry.io/otel/trace/noop"
 	"golang.org/x/sync/errgroup"
 
@@ -321,7 +323,7 @@ func TestPluginCheck(t *testing.T) {
 		modify func(a *luraconfig.AsyncAgent)
 		// want holds substrings of the error; nil means no error.
 		want        []string
-		wantPattern []string // per backend, after Check
+		wantPattern []string // per backend, after Prepare
 		knownBug    string
 	}{
 		{
@@ -421,6 +423,10 @@ func TestPluginCheck(t *testing.T) {
 			if tc.modify != nil {
 				tc.modify(a)
 			}
+			var written []string
+			for _, b := range a.Backend {
+				written = append(written, b.URLPattern)
+			}
 			err := asyncamqp.Check(a)
 			var failures []string
 			fail := func(format string, args ...interface{}) { failures = append(failures, fmt.Sprintf(format, args...)) }
@@ -438,9 +444,21 @@ func TestPluginCheck(t *testing.T) {
 					}
 				}
 			}
+			// Check changes nothing; the step StartAgent runs rewrites
+			// the placeholders into Lura's form.
+			for i := range tc.wantPattern {
+				if got := a.Backend[i].URLPattern; got != written[i] {
+					fail("Check changed backend[%d].URLPattern from %q to %q", i, written[i], got)
+				}
+			}
+			if err == nil {
+				if err := asyncamqp.Prepare(a); err != nil {
+					fail("Prepare: %v", err)
+				}
+			}
 			for i, want := range tc.wantPattern {
-				if got := a.Backend[i].URLPattern; got != want {
-					fail("backend[%d].URLPattern = %q, want %q", i, got, want)
+				if got := a.Backend[i].URLPattern; err == nil && got != want {
+					fail("backend[%d].URLPattern = %q after Prepare, want %q", i, got, want)
 				}
 			}
 			xfail(t, tc.knownBug, failures)
@@ -460,8 +478,16 @@ func TestPluginCheck(t *testing.T) {
 				t.Fatalf("Check #%d: %v", i+1, err)
 			}
 		}
+		for i := 0; i < 2; i++ {
+			if err := asyncamqp.Prepare(a); err != nil {
+				t.Fatalf("Prepare #%d: %v", i+1, err)
+			}
+		}
 		if got := a.Backend[0].URLPattern; got != "/events/{{.Routing_key}}" {
-			t.Errorf("URLPattern after two checks = %q", got)
+			t.Errorf("URLPattern after two checks and two prepares = %q", got)
+		}
+		if err := asyncamqp.Check(a); err != nil {
+			t.Errorf("Check of a prepared agent: %v", err)
 		}
 	})
 
@@ -551,8 +577,9 @@ func ExampleNewFactory() {
 	}
 }
 
-// Check validates an agent before start (the gateway's check command) and
-// rewrites the url_pattern placeholders into Lura's form.
+// Check validates an agent before start, as the gateway's check command
+// does, without changing it: StartAgent rewrites the url_pattern
+// placeholders into Lura's form when it starts the agent.
 func ExampleCheck() {
 	agent := &luraconfig.AsyncAgent{
 		Name:     "orders",
@@ -574,7 +601,7 @@ func ExampleCheck() {
 	agent.ExtraConfig[asyncamqp.Namespace] = map[string]interface{}{"host": "amqp://guest:guest@localhost:5672/", "name": "orders-queue"}
 	fmt.Println(asyncamqp.Check(agent))
 	// Output:
-	// /orders/{{.Routing_key}}/{{.Message_id}}
+	// /orders/{routing_key}/{message_id}
 	// agent "orders": extra_config.async/amqp.exchange: required, and must not be empty
 }
 
@@ -604,4 +631,50 @@ func TestWarnings(t *testing.T) {
 	if got := asyncamqp.Warnings(unitAgent("other", luraconfig.ExtraConfig{})); got != nil {
 		t.Errorf("an agent of another driver: %q", got)
 	}
+}
+
+// otelState has the methods of KrakenD's telemetry state (krakend-otel's
+// state.OTEL) that the driver uses.
+type otelState struct{}
+
+func (otelState) MeterProvider() metric.MeterProvider       { return metricnoop.NewMeterProvider() }
+func (otelState) TracerProvider() trace.TracerProvider      { return tracenoop.NewTracerProvider() }
+func (otelState) Propagator() propagation.TextMapPropagator { return propagation.TraceContext{} }
+
+// A KrakenD CE build passes krakend-otel's getter as it is:
+// asyncamqp.NewFactory(asyncamqp.WithTelemetryFrom(state.GlobalState)).
+// The getter is asked each time an agent starts, after KrakenD has set its
+// telemetry up; a nil result leaves the agent on OpenTelemetry's globals.
+func ExampleWithTelemetryFrom() {
+	var current *otelState // set up later, before the agents start
+	globalState := func() *otelState { return current }
+
+	factory := asyncamqp.NewFactory(asyncamqp.WithTelemetryFrom(globalState))
+	current = &otelState{}
+
+	starter := async.AgentStarter{factory}
+	fmt.Println(len(starter), "factory")
+	// Output: 1 factory
+}
+
+// Warnings says what in a valid agent works at a cost; a check command
+// prints them beside Check's errors.
+func ExampleWarnings() {
+	agent := &luraconfig.AsyncAgent{
+		Name:     "orders",
+		Consumer: luraconfig.Consumer{Topic: "orders.*"},
+		ExtraConfig: luraconfig.ExtraConfig{
+			asyncamqp.Namespace: map[string]interface{}{
+				"host": "amqp://guest:guest@localhost:5672/", "name": "orders-queue", "exchange": "orders",
+				"delete": true,
+			},
+		},
+	}
+	fmt.Println(asyncamqp.Check(agent))
+	for _, w := range asyncamqp.Warnings(agent) {
+		fmt.Println(w)
+	}
+	// Output:
+	// <nil>
+	// agent "orders": delete or exclusive with the driver's retries: a retry copy comes back to the queue through the broker's dead-lettering after its delay, and the broker drops it if the queue is gone by then (an auto-delete queue once its last consumer leaves, an exclusive one with its connection); use a durable, shared queue, or nack_discard
 }

@@ -53,7 +53,7 @@ func fixtureFiles(t *testing.T, dir string) []string {
 }
 
 // luraPlaceholder is the only form of placeholder left in a url_pattern
-// once Check has accepted it.
+// once the agent is prepared to start.
 var luraPlaceholder = regexp.MustCompile(`\{\{\.[A-Z][A-Za-z_]*\}\}`)
 
 func TestTestdataValidFixtures(t *testing.T) {
@@ -64,13 +64,17 @@ func TestTestdataValidFixtures(t *testing.T) {
 					t.Errorf("agent %q: Check: %v", agent.Name, err)
 					continue
 				}
+				if err := asyncamqp.Prepare(agent); err != nil {
+					t.Errorf("agent %q: Prepare: %v", agent.Name, err)
+					continue
+				}
 				for i, b := range agent.Backend {
 					if rest := luraPlaceholder.ReplaceAllString(b.URLPattern, ""); strings.ContainsAny(rest, "{}") {
 						t.Errorf("agent %q: backend[%d].url_pattern %q still holds a placeholder Lura does not fill", agent.Name, i, b.URLPattern)
 					}
 				}
-				// Check may run twice (StartAgent and a `check` command):
-				// the rewritten pattern must still be accepted.
+				// A prepared agent is still accepted (a `check` after a
+				// start, say).
 				if err := asyncamqp.Check(agent); err != nil {
 					t.Errorf("agent %q: second Check: %v", agent.Name, err)
 				}

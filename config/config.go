@@ -292,3 +292,21 @@ func (c Config) usesTLS() bool {
 	}
 	return false
 }
+
+// Errors splits an error joined with errors.Join, at any depth, into its
+// parts; a nil error has none. Parse, Check and the gateway report each
+// part on a line of its own.
+func Errors(err error) []error {
+	if err == nil {
+		return nil
+	}
+	joined, ok := err.(interface{ Unwrap() []error })
+	if !ok {
+		return []error{err}
+	}
+	var errs []error
+	for _, e := range joined.Unwrap() {
+		errs = append(errs, Errors(e)...)
+	}
+	return errs
+}

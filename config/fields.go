@@ -135,7 +135,7 @@ func object(name string, table map[string]setter) setter {
 // carries its own path (nested objects).
 func pathErrors(key string, err error) []error {
 	var out []error
-	for _, e := range unjoin(err) {
+	for _, e := range Errors(err) {
 		if _, ok := e.(*FieldError); ok {
 			out = append(out, e)
 			continue
@@ -143,13 +143,6 @@ func pathErrors(key string, err error) []error {
 		out = append(out, &FieldError{Field: key, Reason: e.Error()})
 	}
 	return out
-}
-
-func unjoin(err error) []error {
-	if joined, ok := err.(interface{ Unwrap() []error }); ok {
-		return joined.Unwrap()
-	}
-	return []error{err}
 }
 
 func duration(least time.Duration, field func(*Config) *time.Duration) setter {

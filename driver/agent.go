@@ -93,10 +93,14 @@ type Agent struct {
 	received atomic.Int64
 }
 
+// LogPrefix starts every log line about an agent, as Lura's components
+// name theirs: [SERVICE: AsyncAgent][AMQP][<agent>].
+func LogPrefix(agent string) string { return fmt.Sprintf("[SERVICE: AsyncAgent][AMQP][%s]", agent) }
+
 // New checks the options, applying the documented defaults, and returns
 // an agent ready to Run.
 func New(opts Options) *Agent {
-	a := &Agent{opts: opts, log: logger{l: opts.Logger, prefix: fmt.Sprintf("[SERVICE: AsyncAgent][AMQP][%s]", opts.Name)}}
+	a := &Agent{opts: opts, log: logger{l: opts.Logger, prefix: LogPrefix(opts.Name)}}
 	if a.opts.Logger == nil {
 		a.log.l = logging.NoOp
 	}

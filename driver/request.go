@@ -8,6 +8,7 @@ import (
 	"net/textproto"
 	"net/url"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -36,10 +37,15 @@ const (
 	HeaderPrefix = "X-Amqp-Header-"
 )
 
-// Params are the placeholders a backend url_pattern may use, e.g.
+// placeholders are the names a backend url_pattern may use, e.g.
 // "/events/{routing_key}". Lura title-cases the first letter of a param
 // name, and so do we.
-var Params = []string{"routing_key", "exchange", "message_id", "correlation_id", "redelivered"}
+var placeholders = []string{"routing_key", "exchange", "message_id", "correlation_id", "redelivered"}
+
+// Placeholders lists the names a backend url_pattern may use, each
+// between braces: {routing_key}, {exchange}, {message_id},
+// {correlation_id}, {redelivered}.
+func Placeholders() []string { return slices.Clone(placeholders) }
 
 // newRequest turns a delivery into the request the backend pipeline sees.
 // The body is the message body untouched. Params are filled only when a
@@ -197,7 +203,7 @@ var placeholder = regexp.MustCompile(`\{\{\.([^{}]*)\}\}|\{([^{}]*)\}`)
 // known ones.
 func URLPattern(pattern string) (string, error) {
 	known := map[string]bool{}
-	for _, p := range Params {
+	for _, p := range placeholders {
 		known[p] = true
 	}
 	var unknown []string
@@ -216,7 +222,7 @@ func URLPattern(pattern string) (string, error) {
 	if len(unknown) > 0 {
 		sort.Strings(unknown)
 		return pattern, fmt.Errorf("unknown placeholder %s in %q; an async agent offers {%s}",
-			strings.Join(unknown, ", "), pattern, strings.Join(Params, "}, {"))
+			strings.Join(unknown, ", "), pattern, strings.Join(placeholders, "}, {"))
 	}
 	return out, nil
 }

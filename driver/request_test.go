@@ -492,7 +492,7 @@ func TestNewRequestParams(t *testing.T) {
 
 	t.Run("one param per documented placeholder", func(t *testing.T) {
 		r := newRequest(plain(&amqp.Delivery{}), true)
-		for _, p := range Params {
+		for _, p := range Placeholders() {
 			key := strings.ToUpper(p[:1]) + p[1:]
 			if _, ok := r.Params[key]; !ok {
 				t.Errorf("placeholder {%s} has no param %q", p, key)

@@ -10,6 +10,7 @@ import (
 	"github.com/luraproject/lura/v2/logging"
 
 	asyncamqp "github.com/krakend-contrib/async-amqp"
+	"github.com/krakend-contrib/async-amqp/config"
 )
 
 // Logging settings are read from KrakenD's logging block (or its legacy
@@ -54,7 +55,7 @@ func inspect(cfg *luraconfig.ServiceConfig) findings {
 		f.problems = append(f.problems, err.Error())
 	}
 	if _, err := metricsAddress(cfg.ExtraConfig); err != nil {
-		for _, e := range flatten(err) {
+		for _, e := range config.Errors(err) {
 			f.problems = append(f.problems, e.Error())
 		}
 	}
@@ -71,7 +72,7 @@ func inspect(cfg *luraconfig.ServiceConfig) findings {
 			f.warnings = append(f.warnings, fmt.Sprintf("agent %q: extra_config: no %q block; no driver in this gateway starts it", agent.Name, asyncamqp.Namespace))
 			continue
 		}
-		errs := flatten(asyncamqp.Check(agent))
+		errs := config.Errors(asyncamqp.Check(agent))
 		for _, err := range errs {
 			f.problems = append(f.problems, oneLine(err.Error()))
 		}
@@ -88,22 +89,6 @@ func hasDriverBlock(extra luraconfig.ExtraConfig) bool {
 		_, ok = extra[asyncamqp.LegacyNamespace]
 	}
 	return ok
-}
-
-// flatten splits errors joined with errors.Join, at any depth.
-func flatten(err error) []error {
-	if err == nil {
-		return nil
-	}
-	joined, ok := err.(interface{ Unwrap() []error })
-	if !ok {
-		return []error{err}
-	}
-	var errs []error
-	for _, e := range joined.Unwrap() {
-		errs = append(errs, flatten(e)...)
-	}
-	return errs
 }
 
 func oneLine(s string) string { return strings.ReplaceAll(s, "\n", "; ") }

@@ -1,0 +1,144 @@
+package asyncamqp
+
+import (
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"strings"
+
+	luraconfig "github.com/luraproject/lura/v2/config"
+	"github.com/luraproject/lura/v2/encoding"
+
+	"github.com/krakend-contrib/async-amqp/config"
+	"github.com/krakend-contrib/async-amqp/driver"
+)
+
+// Check validates an agent for this driver: its driver block (and the
+// TLS files it names) and the Lura fields the driver relies on. Every
+// error names the agent and the field. It changes nothing: StartAgent
+// rewrites the url_pattern placeholders when it starts the agent.
+func Check(agent *luraconfig.AsyncAgent) error {
+	if agent == nil {
+		return errors.New("no agent to check")
+	}
+	cfg, err := config.FromExtraConfig(agent.ExtraConfig)
+	_, err = validate(agent, cfg, err)
+	return err
+}
+
+// prepared is an agent ready to start: its block parsed and its TLS
+// configuration loaded, each once.
+type prepared struct {
+	cfg config.Config
+	tls *tls.Config
+}
+
+// prepare validates an agent as Check does, from its block parsed once,
+// and rewrites its backends' url_pattern placeholders ({routing_key})
+// in place into the form Lura's request builder fills in: Lura reads the
+// pattern from the backend when it builds each request.
+func prepare(agent *luraconfig.AsyncAgent, cfg config.Config, parseErr error) (prepared, error) {
+	tlsConfig, err := validate(agent, cfg, parseErr)
+	if err != nil {
+		return prepared{}, err
+	}
+	for _, b := range agent.Backend {
+		b.URLPattern, _ = driver.URLPattern(b.URLPattern) // validated above
+	}
+	return prepared{cfg: cfg, tls: tlsConfig}, nil
+}
+
+// validate returns the agent's TLS configuration and every problem of
+// the agent, given its parsed block or the error that parsing returned.
+func validate(agent *luraconfig.AsyncAgent, cfg config.Config, parseErr error) (*tls.Config, error) {
+	var errs []error
+	var tlsConfig *tls.Config
+	if parseErr != nil {
+		errs = append(errs, blockErrors(agent, parseErr))
+	} else if t, err := cfg.TLS.Load(); err != nil {
+		errs = append(errs, blockErrors(agent, err))
+	} else {
+		tlsConfig = t
+	}
+	if needsTopic(cfg) && strings.TrimSpace(agent.Consumer.Topic) == "" {
+		errs = append(errs, fmt.Errorf("agent %q: consumer.topic: required: the routing key the queue is bound with (\"#\" takes every message)", agent.Name))
+	}
+	if agent.Consumer.MaxRate < 0 {
+		errs = append(errs, fmt.Errorf("agent %q: consumer.max_rate: must be 0 (unlimited) or more, got %v", agent.Name, agent.Consumer.MaxRate))
+	}
+	if agent.Consumer.Timeout < 0 {
+		errs = append(errs, fmt.Errorf("agent %q: consumer.timeout: must not be negative", agent.Name))
+	}
+	for i, b := range agent.Backend {
+		if b.Encoding == encoding.NOOP && len(agent.Backend) > 1 {
+			errs = append(errs, fmt.Errorf("agent %q: backend[%d].encoding: no-op works with one backend only: "+
+				"Lura's merge of several backends drops their status codes, so a failure could be acked", agent.Name, i))
+		}
+		if _, err := driver.URLPattern(b.URLPattern); err != nil {
+			errs = append(errs, fmt.Errorf("agent %q: backend[%d].url_pattern: %w", agent.Name, i, err))
+		}
+	}
+	return tlsConfig, errors.Join(errs...)
+}
+
+// Warnings lists what in a valid agent works but costs something the
+// operator should know, one line each naming the agent and the field: an
+// unverified broker certificate, retries on a queue that can vanish. It
+// says nothing of an agent this driver does not take or that Check
+// refuses.
+func Warnings(agent *luraconfig.AsyncAgent) []string {
+	if agent == nil {
+		return nil
+	}
+	cfg, err := config.FromExtraConfig(agent.ExtraConfig)
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, w := range warnings(cfg) {
+		out = append(out, fmt.Sprintf("agent %q: %s", agent.Name, w))
+	}
+	return out
+}
+
+func warnings(cfg config.Config) []string {
+	var out []string
+	if cfg.TLS.InsecureSkipVerify {
+		out = append(out, "tls.insecure_skip_verify is set: the broker's certificate is not verified")
+	}
+	if (cfg.Delete || cfg.Exclusive) && !cfg.AutoAck && !cfg.NackDiscard {
+		out = append(out, "delete or exclusive with the driver's retries: a retry copy comes back to the queue "+
+			"through the broker's dead-lettering after its delay, and the broker drops it if the queue is gone by then "+
+			"(an auto-delete queue once its last consumer leaves, an exclusive one with its connection); "+
+			"use a durable, shared queue, or nack_discard")
+	}
+	return out
+}
+
+// needsTopic tells whether the binding needs consumer.topic: not when
+// routing_keys replace it, nor when the driver binds nothing.
+func needsTopic(cfg config.Config) bool {
+	return len(cfg.RoutingKeys) == 0 && cfg.ExchangeType != "fanout" && cfg.Topology == config.TopologyDeclare
+}
+
+// blockErrors names the agent and the path of each problem of its
+// driver block, e.g. extra_config.async/amqp.prefetch_count.
+func blockErrors(agent *luraconfig.AsyncAgent, err error) error {
+	if errors.Is(err, config.ErrNoConfig) {
+		return fmt.Errorf("agent %q: %w", agent.Name, err)
+	}
+	path := "extra_config." + Namespace
+	if _, ok := agent.ExtraConfig[Namespace]; !ok {
+		path = "extra_config." + LegacyNamespace
+	}
+	var errs []error
+	for _, e := range config.Errors(err) {
+		var field *config.FieldError
+		if errors.As(e, &field) {
+			errs = append(errs, fmt.Errorf("agent %q: %s.%w", agent.Name, path, e))
+			continue
+		}
+		errs = append(errs, fmt.Errorf("agent %q: %s: %w", agent.Name, path, e))
+	}
+	return errors.Join(errs...)
+}
