@@ -58,6 +58,9 @@ type Config struct {
 	// MaxBodyBytes bounds the body of a message the backend is sent; a
 	// larger one is dead-lettered undispatched. 0 means no bound.
 	MaxBodyBytes int
+	// IdempotencyHeader names the request header that carries a key
+	// stable across redeliveries and retries of one message; "" sends none.
+	IdempotencyHeader string
 	// Hosts are more URLs of the same cluster, tried in turn after Host.
 	Hosts []string
 	// TLS configures amqps:// connections (field "tls").

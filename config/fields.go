@@ -18,28 +18,29 @@ type setter func(*Config, interface{}) error
 // fields maps each key of the block to its setter: the one place where the
 // JSON names meet the struct.
 var fields = map[string]setter{
-	"host":             str(func(c *Config) *string { return &c.Host }),
-	"name":             str(func(c *Config) *string { return &c.Queue }),
-	"exchange":         str(func(c *Config) *string { return &c.Exchange }),
-	"durable":          boolean(func(c *Config) *bool { return &c.Durable }),
-	"delete":           boolean(func(c *Config) *bool { return &c.Delete }),
-	"exclusive":        boolean(func(c *Config) *bool { return &c.Exclusive }),
-	"no_wait":          boolean(func(c *Config) *bool { return &c.NoWait }),
-	"auto_ack":         boolean(func(c *Config) *bool { return &c.AutoAck }),
-	"no_local":         boolean(func(c *Config) *bool { return &c.NoLocal }),
-	"nack_discard":     boolean(func(c *Config) *bool { return &c.NackDiscard }),
-	"prefetch_count":   integer(math.MaxUint16, func(c *Config) *int { return &c.PrefetchCount }),
-	"prefetch_size":    integer(math.MaxUint32, func(c *Config) *int { return &c.PrefetchSize }),
-	"shutdown_timeout": duration(0, func(c *Config) *time.Duration { return &c.ShutdownTimeout }),
-	"max_body_bytes":   integer(math.MaxInt32, func(c *Config) *int { return &c.MaxBodyBytes }),
-	"retry":            object("retry", retryFields),
-	"dead_letter":      object("dead_letter", deadLetterFields),
-	"hosts":            stringList(false, func(c *Config) *[]string { return &c.Hosts }),
-	"tls":              object("tls", tlsFields),
-	"queue_args":       queueArgs,
-	"routing_keys":     stringList(true, func(c *Config) *[]string { return &c.RoutingKeys }),
-	"exchange_type":    oneOf([]string{"topic", "direct", "fanout"}, func(c *Config) *string { return &c.ExchangeType }),
-	"topology":         oneOf([]string{TopologyDeclare, TopologyPassive, TopologyNone}, func(c *Config) *string { return &c.Topology }),
+	"host":               str(func(c *Config) *string { return &c.Host }),
+	"name":               str(func(c *Config) *string { return &c.Queue }),
+	"exchange":           str(func(c *Config) *string { return &c.Exchange }),
+	"durable":            boolean(func(c *Config) *bool { return &c.Durable }),
+	"delete":             boolean(func(c *Config) *bool { return &c.Delete }),
+	"exclusive":          boolean(func(c *Config) *bool { return &c.Exclusive }),
+	"no_wait":            boolean(func(c *Config) *bool { return &c.NoWait }),
+	"auto_ack":           boolean(func(c *Config) *bool { return &c.AutoAck }),
+	"no_local":           boolean(func(c *Config) *bool { return &c.NoLocal }),
+	"nack_discard":       boolean(func(c *Config) *bool { return &c.NackDiscard }),
+	"prefetch_count":     integer(math.MaxUint16, func(c *Config) *int { return &c.PrefetchCount }),
+	"prefetch_size":      integer(math.MaxUint32, func(c *Config) *int { return &c.PrefetchSize }),
+	"shutdown_timeout":   duration(0, func(c *Config) *time.Duration { return &c.ShutdownTimeout }),
+	"max_body_bytes":     integer(math.MaxInt32, func(c *Config) *int { return &c.MaxBodyBytes }),
+	"idempotency_header": headerName(func(c *Config) *string { return &c.IdempotencyHeader }),
+	"retry":              object("retry", retryFields),
+	"dead_letter":        object("dead_letter", deadLetterFields),
+	"hosts":              stringList(false, func(c *Config) *[]string { return &c.Hosts }),
+	"tls":                object("tls", tlsFields),
+	"queue_args":         queueArgs,
+	"routing_keys":       stringList(true, func(c *Config) *[]string { return &c.RoutingKeys }),
+	"exchange_type":      oneOf([]string{"topic", "direct", "fanout"}, func(c *Config) *string { return &c.ExchangeType }),
+	"topology":           oneOf([]string{TopologyDeclare, TopologyPassive, TopologyNone}, func(c *Config) *string { return &c.Topology }),
 }
 
 var tlsFields = map[string]setter{
@@ -228,6 +229,26 @@ func str(field func(*Config) *string) setter {
 		*field(c) = s
 		return nil
 	}
+}
+
+// headerName reads an HTTP header name: a token, as net/http requires.
+func headerName(field func(*Config) *string) setter {
+	return func(c *Config, v interface{}) error {
+		s, ok := v.(string)
+		if !ok {
+			return fmt.Errorf("must be an HTTP header name such as \"Idempotency-Key\", got %s", typeName(v))
+		}
+		if s == "" || strings.IndexFunc(s, func(r rune) bool { return !isToken(r) }) >= 0 {
+			return fmt.Errorf("must be an HTTP header name (letters, digits and !#$%%&'*+-.^_`|~), got %q", s)
+		}
+		*field(c) = s
+		return nil
+	}
+}
+
+func isToken(r rune) bool {
+	return r < 0x80 && (r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' ||
+		strings.ContainsRune("!#$%&'*+-.^_`|~", r))
 }
 
 func boolean(field func(*Config) *bool) setter {

@@ -96,6 +96,13 @@ func TestParseRetryDeadLetterShutdown(t *testing.T) {
 		})
 	}
 
+	t.Run("idempotency_header", func(t *testing.T) {
+		got, err := Parse(with(map[string]interface{}{"idempotency_header": "Idempotency-Key"}))
+		if err != nil || got.IdempotencyHeader != "Idempotency-Key" {
+			t.Errorf("IdempotencyHeader = %q (%v)", got.IdempotencyHeader, err)
+		}
+	})
+
 	t.Run("max_body_bytes", func(t *testing.T) {
 		got, err := Parse(with(map[string]interface{}{"max_body_bytes": float64(1 << 20)}))
 		if err != nil || got.MaxBodyBytes != 1<<20 {
@@ -186,6 +193,10 @@ func TestParseRetryDeadLetterInvalid(t *testing.T) {
 		{"max_body_bytes negative", with(map[string]interface{}{"max_body_bytes": float64(-1)}), "max_body_bytes", []string{"between 0 and"}},
 		{"max_body_bytes a string", with(map[string]interface{}{"max_body_bytes": "1MB"}), "max_body_bytes", []string{"whole number", "string"}},
 		{"max_body_bytes a fraction", with(map[string]interface{}{"max_body_bytes": 1.5}), "max_body_bytes", []string{"whole number"}},
+		{"idempotency_header empty", with(map[string]interface{}{"idempotency_header": ""}), "idempotency_header", []string{"HTTP header name"}},
+		{"idempotency_header with a space", with(map[string]interface{}{"idempotency_header": "Idempotency Key"}), "idempotency_header", []string{"HTTP header name", `"Idempotency Key"`}},
+		{"idempotency_header with a colon", with(map[string]interface{}{"idempotency_header": "X-Key:"}), "idempotency_header", []string{"HTTP header name"}},
+		{"idempotency_header a number", with(map[string]interface{}{"idempotency_header": float64(1)}), "idempotency_header", []string{"HTTP header name", "number"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := Parse(tc.block)

@@ -61,6 +61,9 @@ type Options struct {
 	// MaxBodyBytes bounds the body sent to the backend; a larger message
 	// is dead-lettered undispatched. 0 means no bound.
 	MaxBodyBytes int
+	// IdempotencyHeader names the request header carrying the message's
+	// idempotency key (see idempotencyKey); "" sends none.
+	IdempotencyHeader string
 	// MeterProvider records the agent's metrics, TracerProvider its
 	// consumer spans, and Propagator reads the publisher's trace context
 	// from the message headers and writes it into the backend request.

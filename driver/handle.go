@@ -3,6 +3,7 @@ package driver
 import (
 	"context"
 	"fmt"
+	"net/textproto"
 
 	amqp "github.com/rabbitmq/amqp091-go"
 )
@@ -131,6 +132,9 @@ func (a *Agent) dispatch(ctx context.Context, m *message) (r result) {
 	start := a.metrics.onDispatch()
 	defer func() { a.metrics.onDispatched(start, r.kind) }()
 	req := newRequest(m, a.opts.URLParams)
+	if h := a.opts.IdempotencyHeader; h != "" {
+		req.Headers[textproto.CanonicalMIMEHeaderKey(h)] = []string{idempotencyKey(m)}
+	}
 	a.tracing.inject(dctx, req.Headers)
 	resp, err := a.opts.Proxy(dctx, req)
 	discardBody(resp)

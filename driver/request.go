@@ -2,6 +2,9 @@ package driver
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -225,4 +228,23 @@ func URLPattern(pattern string) (string, error) {
 			strings.Join(unknown, ", "), pattern, strings.Join(placeholders, "}, {"))
 	}
 	return out, nil
+}
+
+// idempotencyKey is a key stable across the redeliveries and retries of
+// one message, for a backend to drop the duplicates that at-least-once
+// delivery brings: the message_id when the publisher set one, else a
+// digest of where the message was first published and of its body (the
+// driver restores that origin on its retry copies).
+func idempotencyKey(m *message) string {
+	if m.d.MessageId != "" {
+		return cleanValue(m.d.MessageId)
+	}
+	h := sha256.New()
+	for _, part := range [][]byte{[]byte(m.exchange), []byte(m.key), m.d.Body} {
+		var n [8]byte
+		binary.BigEndian.PutUint64(n[:], uint64(len(part)))
+		h.Write(n[:])
+		h.Write(part)
+	}
+	return "sha256:" + hex.EncodeToString(h.Sum(nil))
 }

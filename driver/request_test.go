@@ -15,6 +15,8 @@ import (
 	"github.com/luraproject/lura/v2/proxy"
 	"github.com/luraproject/lura/v2/transport/http/client"
 	amqp "github.com/rabbitmq/amqp091-go"
+
+	driverconfig "github.com/krakend-contrib/async-amqp/config"
 )
 
 func readBody(t *testing.T, r *proxy.Request) []byte {
@@ -759,4 +761,31 @@ func TestParamsOnlyWhenAPatternUsesThem(t *testing.T) {
 // queue, so none of the driver's own headers is believed.
 func plain(d *amqp.Delivery) *message {
 	return &message{d: d, exchange: d.Exchange, key: d.RoutingKey, bound: context.Background()}
+}
+
+func TestIdempotencyKey(t *testing.T) {
+	a := failAgent(driverconfig.Retry{MaxAttempts: 3, Delay: time.Second, MaxDelay: time.Second, Multiplier: 2}, driverconfig.DeadLetter{})
+	first := &amqp.Delivery{Exchange: "orders", RoutingKey: "orders.created", Body: []byte(`{"id":1}`)}
+	key := idempotencyKey(a.msg(first))
+	if !strings.HasPrefix(key, "sha256:") || len(key) != len("sha256:")+64 {
+		t.Fatalf("key %q, want sha256: and 64 hex digits", key)
+	}
+	// The copy back from a retry queue carries the same key.
+	c := a.copyOf(a.msg(first), 1, "500")
+	back := expiredFrom(&amqp.Delivery{Headers: c.Headers, Body: c.Body}, "work.retry.1s")
+	if got := idempotencyKey(a.msg(back)); got != key {
+		t.Errorf("retried copy: key %q, want %q", got, key)
+	}
+	for _, other := range []*amqp.Delivery{
+		{Exchange: "orders", RoutingKey: "orders.created", Body: []byte(`{"id":2}`)},
+		{Exchange: "orders", RoutingKey: "orders.updated", Body: []byte(`{"id":1}`)},
+		{Exchange: "orders.created", RoutingKey: "", Body: []byte(`{"id":1}`)},
+	} {
+		if got := idempotencyKey(a.msg(other)); got == key {
+			t.Errorf("%s/%s %s: same key as another message", other.Exchange, other.RoutingKey, other.Body)
+		}
+	}
+	if got := idempotencyKey(a.msg(&amqp.Delivery{MessageId: "order-1\r\n", Body: []byte("x")})); got != "order-1  " {
+		t.Errorf("a message id gives %q, want it cleaned for HTTP", got)
+	}
 }
