@@ -10,6 +10,8 @@ import (
 	"sort"
 	"strings"
 	"time"
+
+	"golang.org/x/net/http/httpguts"
 )
 
 // setter stores one decoded JSON value into the Config.
@@ -238,17 +240,12 @@ func headerName(field func(*Config) *string) setter {
 		if !ok {
 			return fmt.Errorf("must be an HTTP header name such as \"Idempotency-Key\", got %s", typeName(v))
 		}
-		if s == "" || strings.IndexFunc(s, func(r rune) bool { return !isToken(r) }) >= 0 {
+		if !httpguts.ValidHeaderFieldName(s) {
 			return fmt.Errorf("must be an HTTP header name (letters, digits and !#$%%&'*+-.^_`|~), got %q", s)
 		}
 		*field(c) = s
 		return nil
 	}
-}
-
-func isToken(r rune) bool {
-	return r < 0x80 && (r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' ||
-		strings.ContainsRune("!#$%&'*+-.^_`|~", r))
 }
 
 func boolean(field func(*Config) *bool) setter {
