@@ -197,16 +197,13 @@ func setUp(d dialed, s Settings) (*Session, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open channel: %w", err)
 	}
-	sess := &Session{dialed: d, ch: ch, tag: consumerTag(s.Name), settings: s, retries: map[string]time.Duration{}}
+	sess := &Session{dialed: d, ch: ch, tag: consumerTag(s.Name), settings: s, retries: RetryQueues(s.Queue, s.RetryDelays)}
 	sess.closed = ch.NotifyClose(make(chan *amqp.Error, 1))
 	if err := declare(ch, s.Topology); err != nil {
 		return nil, err
 	}
 	if err := declareFailurePaths(ch, s); err != nil {
 		return nil, err
-	}
-	for _, d := range s.RetryDelays {
-		sess.retries[RetryQueue(s.Queue, d)] = d
 	}
 	if err := ch.Qos(s.PrefetchCount, s.PrefetchSize, false); err != nil {
 		return nil, qosError(err, s)
@@ -328,6 +325,16 @@ func retryQueueArgs(s Settings, d time.Duration) amqp.Table {
 		args["x-overflow"] = "reject-publish"
 	}
 	return args
+}
+
+// RetryQueues maps the names of a work queue's retry queues to their
+// delays.
+func RetryQueues(queue string, delays []time.Duration) map[string]time.Duration {
+	names := make(map[string]time.Duration, len(delays))
+	for _, d := range delays {
+		names[RetryQueue(queue, d)] = d
+	}
+	return names
 }
 
 // RetryQueue names the retry queue of a work queue for one delay, e.g.

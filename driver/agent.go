@@ -91,7 +91,7 @@ type Agent struct {
 	tracing *tracing
 	// retryQueues names the agent's retry queues: a message that comes
 	// back from one of them carries headers the driver believes.
-	retryQueues map[string]bool
+	retryQueues map[string]time.Duration
 	// received counts deliveries over the agent's life.
 	received atomic.Int64
 }
@@ -128,10 +128,7 @@ func New(opts Options) *Agent {
 		a.opts.Session.DeadLetterQueue = a.opts.DeadLetter.Queue
 		a.opts.Session.DeadLetterExchange = a.opts.DeadLetter.Exchange
 		a.opts.Session.OnBlocked = a.onBlocked
-		a.retryQueues = map[string]bool{}
-		for _, d := range a.opts.Session.RetryDelays {
-			a.retryQueues[consumer.RetryQueue(a.opts.Session.Queue, d)] = true
-		}
+		a.retryQueues = consumer.RetryQueues(a.opts.Session.Queue, a.opts.Session.RetryDelays)
 	}
 	if a.opts.HealthInterval <= 0 {
 		a.opts.HealthInterval = DefaultHealthInterval

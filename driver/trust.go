@@ -89,7 +89,8 @@ func (a *Agent) fromRetryQueue(d *amqp.Delivery) bool {
 	}
 	queue, _ := newest["queue"].(string)
 	reason, _ := newest["reason"].(string)
-	return reason == "expired" && a.retryQueues[queue]
+	_, ours := a.retryQueues[queue]
+	return reason == "expired" && ours
 }
 
 // integer reads an AMQP integer of any width.
