@@ -8,6 +8,7 @@ package driver
 import (
 	"errors"
 	"fmt"
+	"net/textproto"
 	"sync/atomic"
 	"time"
 
@@ -130,6 +131,9 @@ func New(opts Options) *Agent {
 		a.opts.Session.OnBlocked = a.onBlocked
 		a.retryQueues = consumer.RetryQueues(a.opts.Session.Queue, a.opts.Session.RetryDelays)
 	}
+	// Lura copies request headers as they are named: canonical, as
+	// net/http writes them, and worked out once, not per message.
+	a.opts.IdempotencyHeader = textproto.CanonicalMIMEHeaderKey(a.opts.IdempotencyHeader)
 	if a.opts.HealthInterval <= 0 {
 		a.opts.HealthInterval = DefaultHealthInterval
 	}

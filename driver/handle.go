@@ -3,7 +3,6 @@ package driver
 import (
 	"context"
 	"fmt"
-	"net/textproto"
 
 	amqp "github.com/rabbitmq/amqp091-go"
 )
@@ -133,7 +132,7 @@ func (a *Agent) dispatch(ctx context.Context, m *message) (r result) {
 	defer func() { a.metrics.onDispatched(start, r.kind) }()
 	req := newRequest(m, a.opts.URLParams)
 	if h := a.opts.IdempotencyHeader; h != "" {
-		req.Headers[textproto.CanonicalMIMEHeaderKey(h)] = []string{idempotencyKey(m)}
+		req.Headers[h] = []string{idempotencyKey(m)}
 	}
 	a.tracing.inject(dctx, req.Headers)
 	resp, err := a.opts.Proxy(dctx, req)
