@@ -281,6 +281,19 @@ func (r Retry) DelayFor(n int) time.Duration {
 	return delays[min(max(n, 1), len(delays))-1]
 }
 
+// AtLeast is the shortest retry delay of the policy that is at least d,
+// or the longest when none is: the retry queue that honours a backend's
+// Retry-After of d, capped by max_delay.
+func (r Retry) AtLeast(d time.Duration) time.Duration {
+	delays := r.RetryDelays()
+	for _, delay := range delays {
+		if delay >= d {
+			return delay
+		}
+	}
+	return delays[len(delays)-1]
+}
+
 // MaxRetryQueues bounds how many retry queues one policy may need.
 const MaxRetryQueues = 20
 

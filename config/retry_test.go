@@ -322,6 +322,21 @@ func TestDelayFor(t *testing.T) {
 	}
 }
 
+// AtLeast picks the retry queue that honours a Retry-After: the shortest
+// delay not below it, else the longest (max_delay).
+func TestAtLeast(t *testing.T) {
+	r := Retry{MaxAttempts: 10, Delay: 200 * time.Millisecond, MaxDelay: time.Second, Multiplier: 2}
+	for in, want := range map[time.Duration]time.Duration{
+		0: 200 * time.Millisecond, 200 * time.Millisecond: 200 * time.Millisecond,
+		201 * time.Millisecond: 400 * time.Millisecond, 500 * time.Millisecond: 800 * time.Millisecond,
+		time.Second: time.Second, 3 * time.Second: time.Second, 24 * time.Hour: time.Second,
+	} {
+		if got := r.AtLeast(in); got != want {
+			t.Errorf("AtLeast(%s) = %s, want %s", in, got, want)
+		}
+	}
+}
+
 func TestDeadLetterEnabled(t *testing.T) {
 	for _, tc := range []struct {
 		d    DeadLetter

@@ -19,6 +19,9 @@ import (
 const (
 	// HeaderAttempts counts the failed dispatches of a message so far.
 	HeaderAttempts = "x-krakend-attempts"
+	// HeaderThrottles counts the 429 and 503 answers a message got: they
+	// use up an attempt only every throttlesPerAttempt.
+	HeaderThrottles = "x-krakend-throttles"
 	// HeaderLastError is the reason of the last failed dispatch.
 	HeaderLastError = "x-krakend-last-error"
 	// HeaderAgent names the agent that dead-lettered the message.
@@ -38,13 +41,24 @@ type publisher interface {
 	Publish(ctx context.Context, exchange, key string, msg amqp.Publishing) error
 }
 
+// throttlesPerAttempt is how many 429 or 503 answers use up one attempt.
+// An overload that lasts would otherwise dead-letter healthy messages; a
+// backend that answers 503 for good (down behind a proxy) still ends in
+// the dead letter, after that many times the attempts.
+const throttlesPerAttempt = 10
+
+// maxThrottles bounds the throttle count read from a message.
+const maxThrottles = 1_000_000
+
 // decision is what becomes of a failed message.
 type decision struct {
 	// outcome is OutcomeRetried or OutcomeDeadLettered.
 	outcome string
-	// attempt is the number of the dispatch that failed, within
-	// [1, max_attempts].
+	// attempt is the number of failed attempts the copy records, within
+	// [0, max_attempts]: a throttled answer may use up none.
 	attempt int
+	// throttles counts the 429 and 503 answers, this one included.
+	throttles int
 	// delay is the wait of a retry: one of the declared retry delays.
 	delay time.Duration
 	// exhausted: retried after the last attempt, as no dead letter is
@@ -60,14 +74,19 @@ type decision struct {
 // between a retry and a dead letter. It does no I/O.
 func (a *Agent) decide(m *message, r result) decision {
 	retry, dead := a.opts.Retry, a.opts.DeadLetter
-	attempt := min(max(m.attempt(), 1), retry.MaxAttempts)
-	giveUp := attempt >= retry.MaxAttempts || r.kind == kindTooLarge ||
+	attempt, throttles := min(max(m.attempt(), 1), retry.MaxAttempts), m.throttles
+	counted := true
+	if r.throttled() {
+		throttles = min(throttles+1, maxThrottles)
+		counted = throttles%throttlesPerAttempt == 0
+	}
+	giveUp := counted && attempt >= retry.MaxAttempts || r.kind == kindTooLarge ||
 		r.status != 0 && slices.Contains(dead.Statuses, r.status)
 	switch {
 	case giveUp && dead.Broker:
-		return decision{outcome: OutcomeDeadLettered, attempt: attempt, broker: true}
+		return decision{outcome: OutcomeDeadLettered, attempt: attempt, throttles: throttles, broker: true}
 	case giveUp && dead.Enabled():
-		d := decision{outcome: OutcomeDeadLettered, attempt: attempt, key: dead.Queue}
+		d := decision{outcome: OutcomeDeadLettered, attempt: attempt, throttles: throttles, key: dead.Queue}
 		if dead.Exchange != "" {
 			d.exchange, d.key = dead.Exchange, dead.RoutingKey
 			if d.key == "" {
@@ -78,9 +97,22 @@ func (a *Agent) decide(m *message, r result) decision {
 	case giveUp:
 		// The longest declared delay: MaxDelay rounded to the
 		// millisecond, as its retry queue was named.
-		return decision{outcome: OutcomeRetried, attempt: attempt, delay: retry.DelayFor(math.MaxInt), exhausted: true}
+		return decision{outcome: OutcomeRetried, attempt: attempt, throttles: throttles,
+			delay: retry.DelayFor(math.MaxInt), exhausted: true}
 	}
-	return decision{outcome: OutcomeRetried, attempt: attempt, delay: retry.DelayFor(attempt)}
+	d := decision{outcome: OutcomeRetried, attempt: attempt, throttles: throttles, delay: retry.DelayFor(attempt)}
+	if r.throttled() {
+		// Backing off an overload: the wait grows with every throttle,
+		// counted or not.
+		d.delay = retry.DelayFor(m.failed + throttles)
+	}
+	if !counted {
+		d.attempt = attempt - 1
+	}
+	if r.retryAfter > 0 {
+		d.delay = retry.AtLeast(r.retryAfter)
+	}
+	return d
 }
 
 // fail handles a failed dispatch when the driver owns retries: the
@@ -125,11 +157,11 @@ func (a *Agent) retry(ctx context.Context, pub publisher, m *message, dec decisi
 	queue := consumer.RetryQueue(a.opts.Session.Queue, dec.delay)
 	ctx, cancel := copyContext(ctx, m)
 	defer cancel()
-	return pub.Publish(ctx, "", queue, a.copyOf(m, dec.attempt, reason))
+	return pub.Publish(ctx, "", queue, a.copyOf(m, dec.attempt, dec.throttles, reason))
 }
 
 func (a *Agent) deadLetter(ctx context.Context, pub publisher, m *message, dec decision, reason string) error {
-	msg := a.copyOf(m, dec.attempt, reason)
+	msg := a.copyOf(m, dec.attempt, dec.throttles, reason)
 	msg.Headers[HeaderAgent] = a.opts.Name
 	// A dead letter is kept until someone looks at it: the message's own
 	// TTL would drop it from the dead-letter queue.
@@ -156,7 +188,7 @@ func copyContext(ctx context.Context, m *message) (context.Context, context.Canc
 // failure reason and where it was first published. Whatever x-krakend-*
 // headers the message carried are dropped: the copy holds the driver's
 // own, from what the driver believes of the message.
-func (a *Agent) copyOf(m *message, attempt int, reason string) amqp.Publishing {
+func (a *Agent) copyOf(m *message, attempt, throttles int, reason string) amqp.Publishing {
 	d := m.d
 	h := make(amqp.Table, len(d.Headers)+4)
 	for k, v := range d.Headers {
@@ -165,6 +197,9 @@ func (a *Agent) copyOf(m *message, attempt int, reason string) amqp.Publishing {
 		}
 	}
 	h[HeaderAttempts] = int64(attempt)
+	if throttles > 0 {
+		h[HeaderThrottles] = int64(throttles)
+	}
 	h[HeaderLastError] = truncate(reason, 1024)
 	h[HeaderOriginalExchange] = m.exchange
 	h[HeaderOriginalRoutingKey] = m.key

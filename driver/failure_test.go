@@ -144,7 +144,7 @@ func TestCopyOf(t *testing.T) {
 	d := fullDelivery()
 	// A publisher's own x-krakend-* headers are dropped, not copied.
 	d.Headers[HeaderOriginalRoutingKey], d.Headers[HeaderLastError] = "admin.purge", "forged"
-	c := a.copyOf(a.msg(d), 1, "backend answered status 500")
+	c := a.copyOf(a.msg(d), 1, 0, "backend answered status 500")
 
 	want := amqp.Publishing{
 		ContentType: d.ContentType, ContentEncoding: d.ContentEncoding, DeliveryMode: d.DeliveryMode,
@@ -186,13 +186,13 @@ func TestCopyOf(t *testing.T) {
 	}
 
 	t.Run("repeated copies keep the first origin and count up", func(t *testing.T) {
-		first := a.copyOf(a.msg(fullDelivery()), 1, "first")
+		first := a.copyOf(a.msg(fullDelivery()), 1, 0, "first")
 		// The copy comes back from its retry queue through the default
 		// exchange, routed by the work queue's name.
 		again := expiredFrom(&amqp.Delivery{Headers: first.Headers, Body: first.Body, MessageId: first.MessageId}, retryQueue)
-		second := a.copyOf(a.msg(again), 2, "second")
+		second := a.copyOf(a.msg(again), 2, 0, "second")
 		back := expiredFrom(&amqp.Delivery{Headers: second.Headers, Body: second.Body}, retryQueue)
-		third := a.copyOf(a.msg(back), 3, "third")
+		third := a.copyOf(a.msg(back), 3, 0, "third")
 		for i, c := range []amqp.Publishing{second, third} {
 			if c.Headers[HeaderOriginalRoutingKey] != "orders.created" || c.Headers[HeaderOriginalExchange] != "orders" {
 				t.Errorf("copy %d: origin %v/%v, want orders/orders.created", i+2,
@@ -208,7 +208,7 @@ func TestCopyOf(t *testing.T) {
 	})
 
 	t.Run("a delivery with no headers", func(t *testing.T) {
-		c := a.copyOf(a.msg(&amqp.Delivery{RoutingKey: "k", Exchange: "x"}), 1, "r")
+		c := a.copyOf(a.msg(&amqp.Delivery{RoutingKey: "k", Exchange: "x"}), 1, 0, "r")
 		if c.Headers[HeaderOriginalRoutingKey] != "k" || c.Headers[HeaderAttempts] != int64(1) {
 			t.Errorf("headers %v", c.Headers)
 		}
@@ -216,7 +216,7 @@ func TestCopyOf(t *testing.T) {
 
 	t.Run("a long reason is truncated to valid UTF-8", func(t *testing.T) {
 		reason := strings.Repeat("é", 2000)
-		c := a.copyOf(a.msg(&amqp.Delivery{}), 1, reason)
+		c := a.copyOf(a.msg(&amqp.Delivery{}), 1, 0, reason)
 		got, _ := c.Headers[HeaderLastError].(string)
 		if len(got) > 1024 || len(got) < 1000 || !utf8.ValidString(got) {
 			t.Errorf("last error: %d bytes, valid UTF-8 %t", len(got), utf8.ValidString(got))
@@ -497,6 +497,83 @@ func TestAgentFail(t *testing.T) {
 		cancel()
 		a.failDelivery(ctx, pub, &amqp.Delivery{Acknowledger: acker, DeliveryTag: 1}, failure)
 		wantSettled(t, acker, 1, nackRequeue)
+	})
+}
+
+// A 429 or 503 uses up an attempt only every throttlesPerAttempt: a long
+// overload backs off without dead-lettering. Retry-After picks the retry
+// queue.
+func TestAgentFailThrottled(t *testing.T) {
+	retry := config.Retry{MaxAttempts: 2, Delay: 100 * time.Millisecond, MaxDelay: 800 * time.Millisecond, Multiplier: 2}
+
+	t.Run("throttles back off and use up an attempt every tenth", func(t *testing.T) {
+		a := failAgent(retry, config.DeadLetter{Queue: "dead"})
+		pub, acker := &copyRecorder{}, &fakeAcker{}
+		d := &amqp.Delivery{Acknowledger: acker, DeliveryTag: 1, RoutingKey: "k"}
+		for tag := uint64(1); tag <= 2*throttlesPerAttempt; tag++ {
+			status := http.StatusTooManyRequests
+			if tag%2 == 0 {
+				status = http.StatusServiceUnavailable
+			}
+			a.failDelivery(context.Background(), pub, d, result{reason: "busy", status: status, kind: "http_status"})
+			d = redeliver(acker, pub.copies[len(pub.copies)-1], tag+1)
+		}
+		got := routes(pub.copies)
+		want := []string{"/work.retry.100ms", "/work.retry.200ms", "/work.retry.400ms"}
+		for len(want) < 2*throttlesPerAttempt-1 {
+			want = append(want, "/work.retry.800ms")
+		}
+		want = append(want, "/dead")
+		if strings.Join(got, " ") != strings.Join(want, " ") {
+			t.Errorf("copies went to\n%v, want\n%v", got, want)
+		}
+		for i, c := range pub.copies {
+			n := i + 1
+			if c.msg.Headers[HeaderThrottles] != int64(n) {
+				t.Errorf("copy %d: %s = %v, want %d", n, HeaderThrottles, c.msg.Headers[HeaderThrottles], n)
+			}
+			if want := int64(n / throttlesPerAttempt); c.msg.Headers[HeaderAttempts] != want && n < 2*throttlesPerAttempt {
+				t.Errorf("copy %d: %s = %v, want %d", n, HeaderAttempts, c.msg.Headers[HeaderAttempts], want)
+			}
+		}
+		wantSettled(t, acker, 2*throttlesPerAttempt, ack)
+	})
+
+	t.Run("a 500 after throttles uses up its attempt", func(t *testing.T) {
+		a := failAgent(retry, config.DeadLetter{Queue: "dead"})
+		pub, acker := &copyRecorder{}, &fakeAcker{}
+		d := expiredFrom(&amqp.Delivery{Acknowledger: acker, DeliveryTag: 1,
+			Headers: amqp.Table{HeaderAttempts: int64(1), HeaderThrottles: int64(5)}}, "work.retry.100ms")
+		a.failDelivery(context.Background(), pub, d, result{reason: "boom", status: 500, kind: "http_status"})
+		if got := routes(pub.copies); len(got) != 1 || got[0] != "/dead" {
+			t.Errorf("copies %v, want one to /dead", got)
+		}
+	})
+
+	t.Run("Retry-After picks the shortest retry queue at least that long", func(t *testing.T) {
+		for after, want := range map[time.Duration]string{
+			150 * time.Millisecond: "/work.retry.200ms", 400 * time.Millisecond: "/work.retry.400ms",
+			3 * time.Second: "/work.retry.800ms", time.Millisecond: "/work.retry.100ms",
+		} {
+			a := failAgent(retry, config.DeadLetter{Queue: "dead"})
+			pub, acker := &copyRecorder{}, &fakeAcker{}
+			a.failDelivery(context.Background(), pub, &amqp.Delivery{Acknowledger: acker, DeliveryTag: 1},
+				result{reason: "busy", status: 429, kind: "http_status", retryAfter: after})
+			if got := routes(pub.copies); len(got) != 1 || got[0] != want {
+				t.Errorf("Retry-After %s: copies %v, want [%s]", after, got, want)
+			}
+		}
+	})
+
+	t.Run("a forged throttle count on a first delivery is ignored", func(t *testing.T) {
+		a := failAgent(retry, config.DeadLetter{Queue: "dead"})
+		pub, acker := &copyRecorder{}, &fakeAcker{}
+		d := &amqp.Delivery{Acknowledger: acker, DeliveryTag: 1, Headers: amqp.Table{HeaderThrottles: int64(9)}}
+		a.failDelivery(context.Background(), pub, d, result{reason: "busy", status: 429, kind: "http_status"})
+		if got := routes(pub.copies); len(got) != 1 || got[0] != "/work.retry.100ms" ||
+			pub.copies[0].msg.Headers[HeaderThrottles] != int64(1) {
+			t.Errorf("copies %v with headers %v, want one to the first retry queue, 1 throttle", got, pub.copies[0].msg.Headers)
+		}
 	})
 }
 

@@ -34,7 +34,7 @@ func (in *fuzzInput) byte() byte { return in.next(1)[0] }
 func (in *fuzzInput) text() string { return string(in.next(int(in.byte()))) }
 
 // keys the driver reads, so that the fuzzer reaches them often.
-var fuzzKeys = []string{"x-death", HeaderAttempts, HeaderOriginalRoutingKey, HeaderOriginalExchange, "traceparent", "tracestate", "baggage"}
+var fuzzKeys = []string{"x-death", HeaderAttempts, HeaderOriginalRoutingKey, HeaderOriginalExchange, "traceparent", "tracestate", "baggage", HeaderThrottles}
 
 func (in *fuzzInput) key() string {
 	if k := in.byte(); int(k) < len(fuzzKeys) {
@@ -196,9 +196,17 @@ func FuzzFailure(f *testing.F) {
 		a := fuzzAgent(maxAttempts, dead)
 		retryQueue := consumer.RetryQueue("work", a.opts.Session.RetryDelays[int(in.byte())%len(a.opts.Session.RetryDelays)])
 		m := a.msg(in.delivery(back, retryQueue))
-		dec := a.decide(m, result{reason: "fuzz", status: status})
-		if dec.attempt < 1 || dec.attempt > maxAttempts {
-			t.Fatalf("attempt %d out of 1..%d", dec.attempt, maxAttempts)
+		r := result{reason: "fuzz", status: status, retryAfter: time.Duration(binary.LittleEndian.Uint32(in.next(4))) * time.Millisecond}
+		dec := a.decide(m, r)
+		lowest := 1
+		if r.throttled() { // a throttle may use up no attempt
+			lowest = 0
+		}
+		if dec.attempt < lowest || dec.attempt > maxAttempts {
+			t.Fatalf("attempt %d out of %d..%d", dec.attempt, lowest, maxAttempts)
+		}
+		if dec.throttles < 0 || dec.throttles > maxThrottles || r.throttled() && dec.throttles < 1 {
+			t.Fatalf("throttles %d out of range for status %d", dec.throttles, status)
 		}
 		switch {
 		case dec.outcome == OutcomeRetried:
@@ -226,7 +234,7 @@ func FuzzFailure(f *testing.F) {
 		default:
 			t.Fatalf("outcome %q", dec.outcome)
 		}
-		c := a.copyOf(m, dec.attempt, "fuzz")
+		c := a.copyOf(m, dec.attempt, dec.throttles, "fuzz")
 		if c.Headers[HeaderAttempts] != int64(dec.attempt) {
 			t.Fatalf("copy counts %v attempts, want %d", c.Headers[HeaderAttempts], dec.attempt)
 		}

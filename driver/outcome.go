@@ -5,6 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
 
 	"github.com/luraproject/lura/v2/proxy"
 )
@@ -26,7 +30,20 @@ type result struct {
 	// timeout, http_status, incomplete, no_response, panic, too_large or
 	// error.
 	kind string
+	// retryAfter is the wait the backend asked for with Retry-After; 0
+	// when it asked none or Lura did not pass its headers on.
+	retryAfter time.Duration
 }
+
+// throttled tells whether the backend shed the message for lack of
+// capacity (429 or 503) rather than refusing it.
+func (r result) throttled() bool {
+	return r.status == http.StatusTooManyRequests || r.status == http.StatusServiceUnavailable
+}
+
+// pushedBack tells whether the answer asks the agent to slow down: a
+// 429, a 503 or a timeout.
+func (r result) pushedBack() bool { return !r.ok && (r.throttled() || r.kind == "timeout") }
 
 // kindTooLarge is the failure of a message over max_body_bytes: it is
 // dead-lettered at once, never retried.
@@ -39,6 +56,14 @@ const kindTooLarge = "too_large"
 // message. The statuses of several merged backends are not exposed, so a
 // merge with an error is a failure.
 func judge(resp *proxy.Response, err error) result {
+	r := judged(resp, err)
+	if !r.ok && resp != nil {
+		r.retryAfter = retryAfter(resp.Metadata.Headers, time.Now())
+	}
+	return r
+}
+
+func judged(resp *proxy.Response, err error) result {
 	switch {
 	case err != nil:
 		r := result{reason: err.Error(), status: statusOf(err), kind: "error"}
@@ -67,6 +92,28 @@ func judge(resp *proxy.Response, err error) result {
 		return result{reason: fmt.Sprintf("backend answered status %d", s), status: s, kind: "http_status"}
 	}
 	return result{ok: true}
+}
+
+// maxRetryAfter bounds the Retry-After the driver reads: past it, the
+// retry is capped by max_delay anyway.
+const maxRetryAfter = 24 * time.Hour
+
+// retryAfter reads a Retry-After header, in seconds or as an HTTP date,
+// within [0, maxRetryAfter]. A value that is neither reads as 0: the
+// backend is a trusted peer, but a garbled header is no reason to fail.
+func retryAfter(headers map[string][]string, now time.Time) time.Duration {
+	values := headers["Retry-After"]
+	if len(values) == 0 {
+		return 0
+	}
+	v := strings.TrimSpace(values[0])
+	if secs, err := strconv.ParseUint(v, 10, 64); err == nil {
+		return time.Duration(min(secs, uint64(maxRetryAfter/time.Second))) * time.Second
+	}
+	if at, err := http.ParseTime(v); err == nil {
+		return min(max(at.Sub(now), 0), maxRetryAfter)
+	}
+	return 0
 }
 
 // discardBody drains and closes a no-op response body so that its HTTP

@@ -156,6 +156,48 @@ var (
 	errChanClose = amqp.ErrClosed
 )
 
+// Retry-After is read in seconds or as an HTTP date, bounded; anything
+// else reads as no wait.
+func TestRetryAfter(t *testing.T) {
+	now := time.Date(2026, 12, 1, 20, 0, 0, 0, time.UTC)
+	for value, want := range map[string]time.Duration{
+		"3":                             3 * time.Second,
+		" 120 ":                         2 * time.Minute,
+		"0":                             0,
+		"-5":                            0,
+		"1.5":                           0,
+		"soon":                          0,
+		"":                              0,
+		"99999999999999999999":          0, // past uint64: not a number
+		"9999999999":                    maxRetryAfter,
+		"Tue, 01 Dec 2026 20:00:10 GMT": 10 * time.Second,
+		"Tue, 01 Dec 2026 19:59:00 GMT": 0, // in the past
+		"Wed, 01 Dec 2027 20:00:00 GMT": maxRetryAfter,
+	} {
+		if got := retryAfter(map[string][]string{"Retry-After": {value}}, now); got != want {
+			t.Errorf("Retry-After %q = %s, want %s", value, got, want)
+		}
+	}
+	if got := retryAfter(nil, now); got != 0 {
+		t.Errorf("no header: %s", got)
+	}
+	// judge reads it from a failed no-op answer only.
+	resp := &proxy.Response{IsComplete: true, Metadata: proxy.Metadata{StatusCode: 429, Headers: map[string][]string{"Retry-After": {"3"}}}}
+	if r := judge(resp, nil); r.retryAfter != 3*time.Second || !r.throttled() || !r.pushedBack() {
+		t.Errorf("429 with Retry-After 3: %+v", r)
+	}
+	resp.Metadata.StatusCode = 200
+	if r := judge(resp, nil); r.retryAfter != 0 || !r.ok || r.pushedBack() {
+		t.Errorf("200 with Retry-After: %+v", r)
+	}
+	if r := judge(nil, context.DeadlineExceeded); !r.pushedBack() || r.throttled() {
+		t.Errorf("a timeout: %+v, want pushed back, not throttled", r)
+	}
+	if r := judge(nil, client.NewErrInvalidStatusCode(&http.Response{StatusCode: 500}, "")); r.pushedBack() {
+		t.Errorf("a 500: %+v, want not pushed back", r)
+	}
+}
+
 func TestSettle(t *testing.T) {
 	for _, tc := range []struct {
 		name    string

@@ -771,7 +771,7 @@ func TestIdempotencyKey(t *testing.T) {
 		t.Fatalf("key %q, want sha256: and 64 hex digits", key)
 	}
 	// The copy back from a retry queue carries the same key.
-	c := a.copyOf(a.msg(first), 1, "500")
+	c := a.copyOf(a.msg(first), 1, 0, "500")
 	back := expiredFrom(&amqp.Delivery{Headers: c.Headers, Body: c.Body}, "work.retry.1s")
 	if got := idempotencyKey(a.msg(back)); got != key {
 		t.Errorf("retried copy: key %q, want %q", got, key)

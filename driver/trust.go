@@ -24,6 +24,9 @@ type message struct {
 	// failed counts the failed dispatches of the message before this
 	// one, within [0, max_attempts-1].
 	failed int
+	// throttles counts the 429 and 503 answers the message got before
+	// this dispatch, within [0, maxThrottles].
+	throttles int
 	// retried: the message came back from one of the agent's retry
 	// queues.
 	retried bool
@@ -58,6 +61,9 @@ func (a *Agent) read(m *message) {
 		}
 	} else {
 		a.log.Debug(fmt.Sprintf("message %q: %s is missing or not an integer: counted as 0", shortID(d), HeaderAttempts))
+	}
+	if n, ok := integer(d.Headers[HeaderThrottles]); ok {
+		m.throttles = int(min(max(n, 0), maxThrottles))
 	}
 	exchange, okExchange := name(d.Headers[HeaderOriginalExchange])
 	key, okKey := name(d.Headers[HeaderOriginalRoutingKey])
