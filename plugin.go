@@ -195,6 +195,8 @@ func agentOptions(opts async.Options, cfg config.Config, tlsConfig *tls.Config) 
 		ShutdownTimeout:   cfg.ShutdownTimeout,
 		MaxBodyBytes:      cfg.MaxBodyBytes,
 		IdempotencyHeader: cfg.IdempotencyHeader,
+		BackPressure:      cfg.BackPressure,
+		OrderingKey:       cfg.OrderingKey,
 		URLParams:         usesParams(a.Backend),
 		Proxy:             opts.Proxy,
 		Ping:              opts.AgentPing,

@@ -61,6 +61,13 @@ type Config struct {
 	// IdempotencyHeader names the request header that carries a key
 	// stable across redeliveries and retries of one message; "" sends none.
 	IdempotencyHeader string
+	// BackPressure slows the agent down while the backend answers 429
+	// or 503, or times out; on unless set to false.
+	BackPressure bool
+	// OrderingKey, when set, dispatches the messages that share a key
+	// one at a time, in delivery order: "routing_key", "header:<name>" or
+	// "property:<name>" (see OrderingProperties).
+	OrderingKey string
 	// Hosts are more URLs of the same cluster, tried in turn after Host.
 	Hosts []string
 	// TLS configures amqps:// connections (field "tls").
@@ -164,7 +171,7 @@ func Parse(raw interface{}) (Config, error) {
 	if !ok {
 		return Config{}, fmt.Errorf("the block must be an object, got %s", typeName(raw))
 	}
-	cfg := Config{PrefetchCount: DefaultPrefetchCount, ExchangeType: "topic", Topology: TopologyDeclare, Retry: Retry{
+	cfg := Config{PrefetchCount: DefaultPrefetchCount, ExchangeType: "topic", Topology: TopologyDeclare, BackPressure: true, Retry: Retry{
 		MaxAttempts: DefaultMaxAttempts, Delay: DefaultDelay, MaxDelay: DefaultMaxDelay, Multiplier: DefaultMultiplier,
 	}}
 	var errs []error

@@ -111,6 +111,7 @@ func TestParseFullBlock(t *testing.T) {
 		Retry:         defaultRetry,
 		ExchangeType:  "topic",
 		Topology:      TopologyDeclare,
+		BackPressure:  true,
 	}
 	block := func(count, size interface{}) map[string]interface{} {
 		return map[string]interface{}{
@@ -191,7 +192,7 @@ func TestParseEachBooleanField(t *testing.T) {
 				t.Errorf("%s: true was not stored in its field: %+v", tc.key, got)
 			}
 			want := Config{Host: got.Host, Queue: got.Queue, Exchange: got.Exchange, PrefetchCount: DefaultPrefetchCount, Retry: defaultRetry,
-				ExchangeType: "topic", Topology: TopologyDeclare}
+				ExchangeType: "topic", Topology: TopologyDeclare, BackPressure: true}
 			cleared := got
 			cleared.Durable, cleared.Delete, cleared.Exclusive, cleared.NoWait = false, false, false, false
 			cleared.AutoAck, cleared.NoLocal, cleared.NackDiscard = false, false, false
@@ -211,6 +212,30 @@ func TestParseEachBooleanField(t *testing.T) {
 	}
 }
 
+func TestParseBackPressureAndOrderingKey(t *testing.T) {
+	got, err := Parse(with(map[string]interface{}{"back_pressure": false, "ordering_key": "header:order_id"}))
+	if err != nil {
+		t.Fatalf("Parse: %v", err)
+	}
+	if got.BackPressure || got.OrderingKey != "header:order_id" {
+		t.Errorf("back_pressure %t, ordering_key %q", got.BackPressure, got.OrderingKey)
+	}
+	for _, key := range []string{"routing_key", "property:message_id", "property:correlation_id", "header:x"} {
+		if _, err := Parse(with(map[string]interface{}{"ordering_key": key})); err != nil {
+			t.Errorf("ordering_key %q: %v", key, err)
+		}
+	}
+	for _, key := range []interface{}{"", "header:", "property:body", "routing-key", "message_id", 7} {
+		_, err := Parse(with(map[string]interface{}{"ordering_key": key}))
+		if err == nil || !strings.Contains(err.Error(), "ordering_key: must be \"routing_key\"") {
+			t.Errorf("ordering_key %#v: error %v, want one naming the field and the choices", key, err)
+		}
+	}
+	if _, err := Parse(with(map[string]interface{}{"back_pressure": "yes"})); err == nil || !strings.Contains(err.Error(), "back_pressure") {
+		t.Errorf("back_pressure \"yes\": error %v", err)
+	}
+}
+
 func TestParseDefaults(t *testing.T) {
 	got, err := Parse(validBlock())
 	if err != nil {
@@ -224,6 +249,7 @@ func TestParseDefaults(t *testing.T) {
 		Retry:         defaultRetry,
 		ExchangeType:  "topic",
 		Topology:      TopologyDeclare,
+		BackPressure:  true,
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("Parse:\n got %+v\nwant %+v", got, want)

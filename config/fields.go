@@ -35,6 +35,8 @@ var fields = map[string]setter{
 	"shutdown_timeout":   duration(0, func(c *Config) *time.Duration { return &c.ShutdownTimeout }),
 	"max_body_bytes":     integer(math.MaxInt32, func(c *Config) *int { return &c.MaxBodyBytes }),
 	"idempotency_header": headerName(func(c *Config) *string { return &c.IdempotencyHeader }),
+	"back_pressure":      boolean(func(c *Config) *bool { return &c.BackPressure }),
+	"ordering_key":       orderingKey,
 	"retry":              object("retry", retryFields),
 	"dead_letter":        object("dead_letter", deadLetterFields),
 	"hosts":              stringList(false, func(c *Config) *[]string { return &c.Hosts }),
@@ -246,6 +248,24 @@ func headerName(field func(*Config) *string) setter {
 		*field(c) = s
 		return nil
 	}
+}
+
+// OrderingProperties are the message properties an ordering_key may
+// name as "property:<name>".
+var OrderingProperties = []string{"message_id", "correlation_id", "user_id", "app_id", "type", "reply_to"}
+
+func orderingKey(c *Config, v interface{}) error {
+	s, _ := v.(string)
+	switch kind, name, _ := strings.Cut(s, ":"); {
+	case s == "routing_key":
+	case kind == "header" && name != "":
+	case kind == "property" && slices.Contains(OrderingProperties, name):
+	default:
+		return fmt.Errorf("must be \"routing_key\", \"header:<name>\" or \"property:<name>\" with a name among %q, got %s",
+			OrderingProperties, quoteOrType(v))
+	}
+	c.OrderingKey = s
+	return nil
 }
 
 func boolean(field func(*Config) *bool) setter {

@@ -62,6 +62,12 @@ type Options struct {
 	// MaxBodyBytes bounds the body sent to the backend; a larger message
 	// is dead-lettered undispatched. 0 means no bound.
 	MaxBodyBytes int
+	// BackPressure slows the agent down while the backend answers 429 or
+	// 503, or times out (see pressure.go).
+	BackPressure bool
+	// OrderingKey dispatches the messages sharing a key one at a time,
+	// in delivery order (see ordered.go); "" orders nothing.
+	OrderingKey string
 	// IdempotencyHeader names the request header carrying the message's
 	// idempotency key (see idempotencyKey); "" sends none.
 	IdempotencyHeader string
@@ -87,6 +93,10 @@ type Agent struct {
 	opts    Options
 	log     logger
 	limiter *rate.Limiter
+	// pressure is nil without back-pressure.
+	pressure *pressure
+	// keyOf reads a delivery's ordering key; nil without ordering_key.
+	keyOf   keyOf
 	stats   stats
 	metrics *metrics
 	tracing *tracing
@@ -146,7 +156,11 @@ func New(opts Options) *Agent {
 	if a.opts.MaxRate > 0 {
 		a.limiter = rate.NewLimiter(rate.Limit(a.opts.MaxRate), 1)
 	}
-	a.metrics = newMetrics(a.opts.MeterProvider, a.opts.Name, a.opts.Session.Queue)
+	a.keyOf = orderingKey(a.opts.OrderingKey)
+	if a.opts.BackPressure {
+		a.pressure = newPressure(a.opts.Workers, a.onPressure)
+	}
+	a.metrics = newMetrics(a.opts.MeterProvider, a.opts.Name, a.opts.Session.Queue, a.pressureLimit)
 	a.tracing = newTracing(a.opts.TracerProvider, a.opts.Propagator, a.opts.Name, a.opts.Session.Topology)
 	if p := a.opts.Session.PrefetchCount; p > 0 && p < a.opts.Workers && !a.opts.Session.AutoAck {
 		a.log.Warning(fmt.Sprintf("prefetch_count %d is below consumer.workers %d: only %d workers can have a message at a time", p, a.opts.Workers, p))

@@ -67,18 +67,7 @@ func (a *Agent) failAfterPanic(ctx context.Context, f *flow, m *message, r resul
 // and the dispatch result.
 func (a *Agent) process(ctx context.Context, f *flow, m *message) (string, result) {
 	if a.opts.Session.AutoAck {
-		_ = a.wait(ctx)
-		r, big := a.tooLarge(m)
-		if !big {
-			r = a.dispatch(ctx, m)
-		}
-		m.outcome = OutcomeAutoAcked
-		a.metrics.onSettled(OutcomeAutoAcked)
-		return OutcomeAutoAcked, r
-	}
-	if ctx.Err() != nil || a.wait(ctx) != nil {
-		r := result{reason: "agent stopping"}
-		return a.settle(f, m, r, false), r
+		return a.processAutoAcked(ctx, m)
 	}
 	if r, big := a.tooLarge(m); big {
 		a.stats.failed.Add(1)
@@ -88,7 +77,12 @@ func (a *Agent) process(ctx context.Context, f *flow, m *message) (string, resul
 		}
 		return a.fail(ctx, f, m, r), r
 	}
+	if ctx.Err() != nil || a.wait(ctx) != nil {
+		r := result{reason: "agent stopping"}
+		return a.settle(f, m, r, false), r
+	}
 	r := a.dispatch(ctx, m)
+	a.release(r)
 	if !r.ok && m.bound.Err() != nil {
 		// Cut short at the shutdown bound: not a failed attempt.
 		r = result{reason: "cancelled at the shutdown bound"}
@@ -98,6 +92,22 @@ func (a *Agent) process(ctx context.Context, f *flow, m *message) (string, resul
 		return a.settle(f, m, r, a.opts.NackDiscard), r
 	}
 	return a.fail(ctx, f, m, r), r
+}
+
+// processAutoAcked dispatches a message the broker has already
+// forgotten: it is sent even when the agent is stopping.
+func (a *Agent) processAutoAcked(ctx context.Context, m *message) (string, result) {
+	r, big := a.tooLarge(m)
+	if !big {
+		waited := a.wait(ctx) == nil
+		r = a.dispatch(ctx, m)
+		if waited {
+			a.release(r)
+		}
+	}
+	m.outcome = OutcomeAutoAcked
+	a.metrics.onSettled(OutcomeAutoAcked)
+	return OutcomeAutoAcked, r
 }
 
 // tooLarge tells whether a message's body is over max_body_bytes: such a

@@ -49,7 +49,9 @@ type metrics struct {
 	heldCount atomic.Int64
 }
 
-func newMetrics(provider metric.MeterProvider, agent, queue string) *metrics {
+// newMetrics builds the agent's instruments; limit reads the
+// back-pressure limit (the workers without back-pressure).
+func newMetrics(provider metric.MeterProvider, agent, queue string, limit func() int64) *metrics {
 	if provider == nil {
 		provider = otel.GetMeterProvider()
 	}
@@ -94,12 +96,16 @@ func newMetrics(provider metric.MeterProvider, agent, queue string) *metrics {
 		metric.WithDescription("1 while the agent is connected and consuming, else 0."))
 	blocked, _ := meter.Int64ObservableGauge("krakend.amqp.publisher.blocked",
 		metric.WithDescription("1 while the broker blocks the agent's publishing connection (memory or disk alarm), else 0."))
-	if state != nil && blocked != nil {
+	limited, _ := meter.Int64ObservableGauge("krakend.amqp.dispatches.limit",
+		metric.WithDescription("Dispatches the agent lets run at once: consumer.workers, less while the backend pushes back (429, 503, timeouts)."),
+		metric.WithUnit("{dispatch}"))
+	if state != nil && blocked != nil && limited != nil {
 		_, _ = meter.RegisterCallback(func(_ context.Context, o metric.Observer) error {
 			o.ObserveInt64(state, m.connected.Load(), m.attrs)
 			o.ObserveInt64(blocked, m.blocked.Load(), m.attrs)
+			o.ObserveInt64(limited, limit(), m.attrs)
 			return nil
-		}, state, blocked)
+		}, state, blocked, limited)
 	}
 	return m
 }

@@ -50,6 +50,12 @@ func (a *Agent) report() {
 		a.log.Error(fmt.Sprintf("%d copies to a retry or dead-letter queue could not be made; %d messages are held unacknowledged, "+
 			"not dispatched again, until their copy is made; last error: %s", n, a.metrics.heldNow(), reason))
 	}
+	if p := a.pressure; p != nil {
+		if n, limit := p.swapPushedBack(), p.current(); n > 0 || limit < a.opts.Workers {
+			a.log.Warning(fmt.Sprintf("back-pressure: %d answers pushed back (429, 503, timeout); %d of %d dispatches may run at once",
+				n, limit, a.opts.Workers))
+		}
+	}
 	if n := a.stats.unsettled.Swap(0); n > 0 {
 		a.log.Warning(n, "acks/nacks were refused on a closed channel; the broker redelivers those messages")
 	}
@@ -75,6 +81,32 @@ func (a *Agent) onBlocked(blocked bool, reason string) {
 		return
 	}
 	a.log.Info("the broker unblocked publishing")
+}
+
+// onPressure hears the back-pressure limit leave or come back to the
+// workers.
+func (a *Agent) onPressure(limit int, r result) {
+	if limit < a.opts.Workers {
+		a.log.Warning(fmt.Sprintf("the backend pushes back (%s): %d of %d dispatches may run at once until it keeps up",
+			pushBackReason(r), limit, a.opts.Workers))
+		return
+	}
+	a.log.Info(fmt.Sprintf("the backend keeps up again: %d dispatches may run at once", limit))
+}
+
+func pushBackReason(r result) string {
+	if r.status != 0 {
+		return fmt.Sprintf("status %d", r.status)
+	}
+	return "timeout"
+}
+
+// pressureLimit is the back-pressure limit, for the metrics.
+func (a *Agent) pressureLimit() int64 {
+	if a.pressure == nil {
+		return int64(a.opts.Workers)
+	}
+	return int64(a.pressure.current())
 }
 
 // ping tells the gateway the agent is alive. It never blocks: a missed

@@ -21,12 +21,18 @@ func (a *Agent) consume(ctx, bound context.Context, sess session, workers int) {
 			defer f.held.close() // before the settler closes
 		}
 	}
+	work := a.work
+	if a.keyOf != nil {
+		seq := newSequencer()
+		go seq.feed(a, f.Deliveries(), a.keyOf)
+		work = func(ctx, bound context.Context, f *flow) { a.workInOrder(ctx, bound, f, seq) }
+	}
 	var wg sync.WaitGroup
 	for range workers {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			a.work(ctx, bound, f)
+			work(ctx, bound, f)
 		}()
 	}
 	wg.Wait()
@@ -44,16 +50,43 @@ func (a *Agent) work(ctx, bound context.Context, f *flow) {
 	}
 }
 
+// workInOrder handles what the sequencer hands over: a message, then the
+// ones behind it in its key's line.
+func (a *Agent) workInOrder(ctx, bound context.Context, f *flow, seq *sequencer) {
+	for item := range seq.work {
+		for d := item.d; d != nil; d = seq.next(item.key) {
+			a.handle(ctx, bound, f, d)
+			if !item.keyed {
+				break
+			}
+		}
+	}
+}
+
 // session is what the workers use of a consumer session.
 type session interface {
 	Deliveries() <-chan amqp.Delivery
 	publisher
 }
 
-// wait applies consumer.max_rate, shared by all workers of the agent.
+// wait applies consumer.max_rate and the back-pressure, both shared by
+// all workers of the agent. Once it returns nil, the dispatch must end
+// with release.
 func (a *Agent) wait(ctx context.Context) error {
-	if a.limiter == nil {
-		return nil
+	if a.limiter != nil {
+		if err := a.limiter.Wait(ctx); err != nil {
+			return err
+		}
 	}
-	return a.limiter.Wait(ctx)
+	if a.pressure != nil {
+		return a.pressure.enter(ctx)
+	}
+	return nil
+}
+
+// release ends a dispatch that wait let start, with its answer.
+func (a *Agent) release(r result) {
+	if a.pressure != nil {
+		a.pressure.leave(r)
+	}
 }
