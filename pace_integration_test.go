@@ -3,11 +3,19 @@
 package asyncamqp_test
 
 import (
+	"fmt"
+	"io"
+	"math/rand/v2"
 	"net/http"
+	"net/http/httptest"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"golang.org/x/time/rate"
 
 	amqp "github.com/rabbitmq/amqp091-go"
 
@@ -58,5 +66,226 @@ func TestIdempotencyKeyIsStableAcrossRetries(t *testing.T) {
 	}
 	if got := keys[`{"n":1}`]; len(got) > 0 && !strings.HasPrefix(got[0], "sha256:") {
 		t.Errorf("a message without a message_id: key %q, want a sha256 digest", got[0])
+	}
+}
+
+// scripted is a backend whose handler the test writes, recording when
+// each request arrived.
+type scripted struct {
+	*httptest.Server
+	mu  sync.Mutex
+	got []arrival
+}
+
+type arrival struct {
+	at            time.Time
+	id, key, body string
+	status        int
+}
+
+func newScripted(t *testing.T, answer func(w http.ResponseWriter, r *http.Request, body []byte) int) *scripted {
+	s := &scripted{}
+	s.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		status := answer(w, r, body)
+		s.mu.Lock()
+		s.got = append(s.got, arrival{time.Now(), r.Header.Get("X-Amqp-Message-Id"), r.Header.Get("X-Amqp-Header-Order"), string(body), status})
+		s.mu.Unlock()
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(status)
+		_, _ = w.Write([]byte(`{"ok":true}`))
+	}))
+	t.Cleanup(s.Close)
+	return s
+}
+
+func (s *scripted) arrivals() []arrival {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]arrival(nil), s.got...)
+}
+
+func (s *scripted) count() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.got)
+}
+
+// A 429 with Retry-After: 3 on one message: its next attempt comes no
+// sooner than 3 s later, through the retry queue that is at least that
+// long, and the other messages are not held behind it.
+func TestRetryAfterIsHonouredWithoutDelayingOthers(t *testing.T) {
+	f := newFixture(t)
+	var first atomic.Bool
+	be := newScripted(t, func(w http.ResponseWriter, r *http.Request, _ []byte) int {
+		if r.Header.Get("X-Amqp-Message-Id") == "0" && first.CompareAndSwap(false, true) {
+			w.Header().Set("Retry-After", "3")
+			return http.StatusTooManyRequests
+		}
+		return http.StatusOK
+	})
+	retry := map[string]interface{}{"max_attempts": 3, "delay": "100ms", "max_delay": "5s", "multiplier": 2}
+	gw := startAgents(t, agentSpec{Name: "after", Topic: "k", Workers: 4, Backend: be.URL, Encoding: "no-op",
+		Block: block(f.queue, f.exchange, map[string]interface{}{"retry": retry})})
+	gw.waitPing(t, "after")
+	const n = 50
+	f.pub.PublishN(f.exchange, "k", n, jsonBody)
+	brokertest.Eventually(t, 30*time.Second, "51 dispatches", func() bool { return be.count() >= n+1 })
+	f.waitEmpty(t)
+
+	got := be.arrivals()
+	var tries []time.Time
+	lastOther := time.Time{}
+	for _, a := range got {
+		if a.id == "0" {
+			tries = append(tries, a.at)
+		} else if a.at.After(lastOther) {
+			lastOther = a.at
+		}
+	}
+	if len(tries) != 2 || len(got) != n+1 {
+		t.Fatalf("message 0 dispatched %d times, %d dispatches in all; want 2 and %d", len(tries), len(got), n+1)
+	}
+	if wait := tries[1].Sub(tries[0]); wait < 3*time.Second {
+		t.Errorf("the retry came %s after the 429, sooner than its Retry-After of 3s", wait)
+	}
+	if !lastOther.Before(tries[1]) {
+		t.Errorf("the other messages were held behind the retry: the last one came at %s, the retry at %s", lastOther, tries[1])
+	}
+	if _, ok := brokertest.Queue(t, f.queue+".retry.3200ms"); !ok {
+		t.Errorf("no retry queue %s.retry.3200ms, the one a Retry-After of 3s needs", f.queue)
+	}
+}
+
+// A backend that takes perSecond requests a second and answers 429 to the
+// rest: every message is delivered once, none is dead-lettered, and the
+// agent's attempts stay close to what the backend takes. The agent's log
+// says when the backend pushes back.
+func TestOverloadedBackendIsNotHammered(t *testing.T) {
+	f := newFixture(t)
+	dead := brokertest.Name(t, "dead")
+	brokertest.Cleanup(t, f.conn, dead, "")
+	const perSecond, n = 200, 2000
+	limiter := rate.NewLimiter(perSecond, perSecond/10)
+	var okMu sync.Mutex
+	handled := map[string]int{}
+	be := newScripted(t, func(_ http.ResponseWriter, r *http.Request, body []byte) int {
+		if !limiter.Allow() {
+			return http.StatusTooManyRequests
+		}
+		okMu.Lock()
+		handled[string(body)]++
+		okMu.Unlock()
+		return http.StatusOK
+	})
+	retry := map[string]interface{}{"max_attempts": 2, "delay": "100ms", "max_delay": "400ms", "multiplier": 2}
+	gw := startAgents(t, agentSpec{Name: "busy", Topic: "k", Workers: 16, Backend: be.URL,
+		Block: block(f.queue, f.exchange, map[string]interface{}{"retry": retry, "prefetch_count": 64,
+			"dead_letter": map[string]interface{}{"queue": dead}})})
+	gw.waitPing(t, "busy")
+	f.pub.PublishN(f.exchange, "k", n, jsonBody)
+	brokertest.Eventually(t, 60*time.Second, "every message handled", func() bool {
+		okMu.Lock()
+		defer okMu.Unlock()
+		return len(handled) == n
+	})
+	f.waitEmpty(t)
+
+	if ready, _ := brokertest.Counts(t, dead); ready != 0 {
+		t.Errorf("%d messages dead-lettered by 429s", ready)
+	}
+	for body, times := range handled {
+		if times != 1 {
+			t.Errorf("message %s handled %d times", body, times)
+		}
+	}
+	got := be.arrivals()
+	bySecond := map[int]int{}
+	for _, a := range got {
+		bySecond[int(a.at.Sub(got[0].at)/time.Second)]++
+	}
+	t.Logf("%d attempts for %d messages (backend takes %d/s); attempts per second: %v", len(got), n, perSecond, bySecond)
+	// Without back-pressure the 429s alone outnumber the messages
+	// several times over; with it, about one attempt in ten is refused.
+	if len(got) > n*3/2 {
+		t.Errorf("%d attempts for %d messages: the backend was hammered", len(got), n)
+	}
+	gw.expectLogs(t, "the backend pushes back (status 429)")
+}
+
+// Ordered keys: 50 keys × 200 messages, 16 workers, a backend of random
+// latency. Per key, the backend sees the messages in publish order.
+func TestOrderingKeyKeepsPublishOrderPerKey(t *testing.T) {
+	f := newFixture(t)
+	const keys, perKey = 50, 200
+	var (
+		mu      sync.Mutex
+		busy    = map[string]bool{}
+		overlap int
+	)
+	be := newScripted(t, func(_ http.ResponseWriter, r *http.Request, _ []byte) int {
+		key := r.Header.Get("X-Amqp-Header-Order")
+		mu.Lock()
+		if busy[key] {
+			overlap++
+		}
+		busy[key] = true
+		mu.Unlock()
+		time.Sleep(time.Duration(rand.IntN(2000)) * time.Microsecond)
+		mu.Lock()
+		busy[key] = false
+		mu.Unlock()
+		return http.StatusOK
+	})
+	gw := startAgents(t, agentSpec{Name: "ordered", Topic: "k", Workers: 16, Backend: be.URL,
+		Block: block(f.queue, f.exchange, map[string]interface{}{"ordering_key": "header:order", "prefetch_count": 100})})
+	gw.waitPing(t, "ordered")
+	publishByKey(t, f, keys, perKey)
+	brokertest.Eventually(t, 60*time.Second, "every message dispatched", func() bool { return be.count() >= keys*perKey })
+	f.waitEmpty(t)
+
+	last := map[string]int{}
+	for _, a := range be.arrivals() {
+		seq, _ := strconv.Atoi(a.id)
+		if prev, ok := last[a.key]; ok && seq < prev {
+			t.Errorf("key %s: message %d reached the backend after %d", a.key, seq, prev)
+		}
+		last[a.key] = seq
+	}
+	if len(last) != keys || be.count() != keys*perKey {
+		t.Errorf("%d keys and %d dispatches, want %d and %d", len(last), be.count(), keys, keys*perKey)
+	}
+	if overlap > 0 {
+		t.Errorf("%d dispatches ran beside another of their key", overlap)
+	}
+}
+
+// publishByKey publishes perKey messages for each of keys keys,
+// interleaved, with the key in the "order" header and a message id that
+// grows in publish order.
+func publishByKey(t *testing.T, f fixture, keys, perKey int) {
+	t.Helper()
+	ch, err := f.conn.Channel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ch.Close()
+	if err := ch.Confirm(false); err != nil {
+		t.Fatal(err)
+	}
+	var confs []*amqp.DeferredConfirmation
+	for i := range keys * perKey {
+		c, err := ch.PublishWithDeferredConfirm(f.exchange, "k", false, false, amqp.Publishing{
+			MessageId: strconv.Itoa(i), Headers: amqp.Table{"order": fmt.Sprintf("key-%d", i%keys)}, Body: jsonBody(i),
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		confs = append(confs, c)
+	}
+	for _, c := range confs {
+		if !c.Wait() {
+			t.Fatal("a keyed message was not confirmed")
+		}
 	}
 }

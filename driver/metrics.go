@@ -49,9 +49,9 @@ type metrics struct {
 	heldCount atomic.Int64
 }
 
-// newMetrics builds the agent's instruments; limit reads the
-// back-pressure limit (the workers without back-pressure).
-func newMetrics(provider metric.MeterProvider, agent, queue string, limit func() int64) *metrics {
+// newMetrics builds the agent's instruments; holding reads the
+// back-pressure state (the workers and no pace without back-pressure).
+func newMetrics(provider metric.MeterProvider, agent, queue string, holding func() pressureState) *metrics {
 	if provider == nil {
 		provider = otel.GetMeterProvider()
 	}
@@ -99,13 +99,18 @@ func newMetrics(provider metric.MeterProvider, agent, queue string, limit func()
 	limited, _ := meter.Int64ObservableGauge("krakend.amqp.dispatches.limit",
 		metric.WithDescription("Dispatches the agent lets run at once: consumer.workers, less while the backend pushes back (429, 503, timeouts)."),
 		metric.WithUnit("{dispatch}"))
-	if state != nil && blocked != nil && limited != nil {
+	paced, _ := meter.Float64ObservableGauge("krakend.amqp.dispatches.pace",
+		metric.WithDescription("Dispatches a second the agent allows while the backend pushes back; 0 when it is not paced."),
+		metric.WithUnit("{dispatch}/s"))
+	if state != nil && blocked != nil && limited != nil && paced != nil {
 		_, _ = meter.RegisterCallback(func(_ context.Context, o metric.Observer) error {
 			o.ObserveInt64(state, m.connected.Load(), m.attrs)
 			o.ObserveInt64(blocked, m.blocked.Load(), m.attrs)
-			o.ObserveInt64(limited, limit(), m.attrs)
+			s := holding()
+			o.ObserveInt64(limited, int64(s.limit), m.attrs)
+			o.ObserveFloat64(paced, s.pace, m.attrs)
 			return nil
-		}, state, blocked, limited)
+		}, state, blocked, limited, paced)
 	}
 	return m
 }

@@ -10,49 +10,62 @@ import (
 // whole agent slows down, by two means.
 //
 //   - An AIMD limit on dispatches in flight, between 1 and the workers:
-//     halved on a push-back (at most once per pressureCooldown), grown by
-//     1/limit on every other answer, as TCP grows its window. It protects
-//     a backend that slows down under load.
-//   - An admission ratio, as in the adaptive throttling of Google's SRE
-//     book: while the last second holds a push-back, a dispatch starts
-//     only if the attempts of that second, those in flight included,
-//     stay under admitRatio times the answers the backend took, plus one.
-//     It protects a backend that rejects fast (a rate limit), which the
-//     limit alone cannot: one dispatch in flight may still be thousands
-//     per second.
+//     halved on a push-back (at most once per pressureCooldown) and grown
+//     by 1/limit on every other answer, as TCP grows its window. It
+//     protects a backend that slows down under load.
+//   - A pace: on a push-back the agent starts no more dispatches a second
+//     than 0.9 times what the backend took over the last second (at least
+//     minPace), then raises the pace by a fiftieth (at least a tenth of
+//     minPace) every 100 ms while the backend keeps up. It protects a backend that rejects fast (a rate
+//     limit), which the limit alone cannot: one dispatch in flight may
+//     still be thousands a second. The pace is lifted after
+//     releaseAfter without a push-back.
 //
-// A healthy backend sees neither: the limit stays at the workers and the
-// ratio is not applied.
+// A healthy backend meets neither: the limit stays at the workers and
+// nothing is paced.
 const (
 	pressureCooldown = 200 * time.Millisecond
-	admitRatio       = 1.1
+	paceCut          = 0.9
+	minPace          = 1.0 // dispatches a second
+	releaseAfter     = 5 * time.Second
 	windowBuckets    = 10
 	bucketWidth      = 100 * time.Millisecond
+	window           = windowBuckets * bucketWidth
 )
 
 // pressure holds the agent-wide back-pressure state.
 type pressure struct {
 	mu       sync.Mutex
 	max      int
-	limit    float64
+	limit    float64 // dispatches in flight
 	inFlight int
-	cut      time.Time
-	window   [windowBuckets]bucket
-	waiting  int
-	wake     chan struct{}
+	pace     float64 // dispatches a second; 0 when not paced
+	next     time.Time
+	// cut, pushed and raised are the last decrease, push-back and pace
+	// increase; started is the first answer.
+	cut, pushed, raised, started time.Time
+	window                       [windowBuckets]bucket
+	waiting                      int
+	wake                         chan struct{}
 	// pushedBack counts push-backs since the last report.
 	pushedBack int64
-	// onChange hears the limit leave or come back to max.
-	onChange func(limit int, r result)
+	// onChange hears the agent start and stop holding back.
+	onChange func(s pressureState, r result)
 }
 
-// bucket counts the answers of one bucketWidth of time.
+// bucket counts the answers the backend took in one bucketWidth.
 type bucket struct {
-	slot                    int64 // the bucket's start, in bucketWidths since the epoch
-	answers, taken, refused int
+	slot  int64 // the bucket's start, in bucketWidths since the epoch
+	taken int
 }
 
-func newPressure(workers int, onChange func(int, result)) *pressure {
+// pressureState is what the logs and metrics show.
+type pressureState struct {
+	limit int
+	pace  float64
+}
+
+func newPressure(workers int, onChange func(pressureState, result)) *pressure {
 	return &pressure{max: workers, limit: float64(workers), wake: make(chan struct{}), onChange: onChange}
 }
 
@@ -60,15 +73,16 @@ func newPressure(workers int, onChange func(int, result)) *pressure {
 func (p *pressure) enter(ctx context.Context) error {
 	for {
 		p.mu.Lock()
-		if p.opens(time.Now()) {
-			p.inFlight++
+		now := time.Now()
+		wait := p.admit(now)
+		if wait == 0 {
 			p.mu.Unlock()
 			return nil
 		}
 		p.waiting++
 		wake := p.wake
 		p.mu.Unlock()
-		err := p.sleep(ctx, wake)
+		err := sleepOrWake(ctx, wake, wait)
 		p.mu.Lock()
 		p.waiting--
 		p.mu.Unlock()
@@ -78,12 +92,25 @@ func (p *pressure) enter(ctx context.Context) error {
 	}
 }
 
-// opens tells whether a dispatch may start now; p.mu is held.
-func (p *pressure) opens(now time.Time) bool { return p.inFlight < int(p.limit) && p.admits(now) }
+// admit starts a dispatch if the limit and the pace let it, and returns
+// 0; else it returns how long to wait at most before trying again. p.mu
+// is held.
+func (p *pressure) admit(now time.Time) time.Duration {
+	if p.inFlight >= int(p.limit) {
+		return bucketWidth // until a dispatch ends, which wakes the waiters
+	}
+	if p.pace > 0 && now.Before(p.next) {
+		return p.next.Sub(now)
+	}
+	p.inFlight++
+	if p.pace > 0 {
+		p.next = later(p.next, now).Add(time.Duration(float64(time.Second) / p.pace))
+	}
+	return 0
+}
 
-// sleep waits for a dispatch to end or the window to move on.
-func (p *pressure) sleep(ctx context.Context, wake <-chan struct{}) error {
-	t := time.NewTimer(bucketWidth)
+func sleepOrWake(ctx context.Context, wake <-chan struct{}, d time.Duration) error {
+	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
 	case <-ctx.Done():
@@ -94,28 +121,24 @@ func (p *pressure) sleep(ctx context.Context, wake <-chan struct{}) error {
 	return nil
 }
 
-// leave ends a dispatch with its answer, adjusting the limit.
+// leave ends a dispatch with its answer, adjusting the limit and pace.
 func (p *pressure) leave(r result) { p.leaveAt(r, time.Now()) }
 
 func (p *pressure) leaveAt(r result, now time.Time) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.inFlight--
-	b := p.bucket(now)
-	b.answers++
-	before := int(p.limit)
-	if r.pushedBack() {
-		b.refused++
-		p.pushedBack++
-		if now.Sub(p.cut) >= pressureCooldown {
-			p.limit, p.cut = max(1, p.limit/2), now
-		}
-	} else {
-		b.taken++
-		p.limit = min(float64(p.max), p.limit+1/p.limit)
+	if p.started.IsZero() {
+		p.started = now
 	}
-	if after := int(p.limit); after != before && (before == p.max || after == p.max) && p.onChange != nil {
-		p.onChange(after, r)
+	wasHolding := p.holding()
+	if r.pushedBack() {
+		p.pushBack(now)
+	} else {
+		p.keepUp(now)
+	}
+	if holding := p.holding(); holding != wasHolding && p.onChange != nil {
+		p.onChange(p.stateLocked(), r)
 	}
 	if p.waiting > 0 {
 		close(p.wake)
@@ -123,16 +146,57 @@ func (p *pressure) leaveAt(r result, now time.Time) {
 	}
 }
 
-// admits applies the admission ratio; p.mu is held.
-func (p *pressure) admits(now time.Time) bool {
-	var answers, taken, refused int
+// pushBack halves the limit and paces the agent below what the backend
+// took, at most once per cooldown. The first cut of an episode only
+// halves the limit: the backend's refusals may be faster than its
+// answers, so what it took cannot be told yet.
+func (p *pressure) pushBack(now time.Time) {
+	p.pushed = now
+	p.pushedBack++
+	if now.Sub(p.cut) < pressureCooldown {
+		return
+	}
+	episode := !p.cut.IsZero() && now.Sub(p.cut) < releaseAfter
+	p.cut = now
+	p.limit = max(1, p.limit/2)
+	if !episode {
+		return
+	}
+	taken := p.takenRate(now)
+	if p.pace > 0 {
+		taken = min(taken, p.pace)
+	}
+	p.pace = max(minPace, paceCut*taken)
+}
+
+// keepUp counts an answer the backend took and grows the limit and pace.
+func (p *pressure) keepUp(now time.Time) {
+	p.bucket(now).taken++
+	p.limit = min(float64(p.max), p.limit+1/p.limit)
+	switch {
+	case p.pace == 0:
+	case now.Sub(p.pushed) >= releaseAfter:
+		p.pace = 0
+	case now.Sub(p.raised) >= bucketWidth:
+		p.raised = now
+		p.pace += max(p.pace/50, minPace/10)
+	}
+}
+
+// holding tells whether the agent holds back; p.mu is held.
+func (p *pressure) holding() bool { return int(p.limit) < p.max || p.pace > 0 }
+
+// takenRate is the answers a second the backend took over the window,
+// or since the first answer when that is more recent.
+func (p *pressure) takenRate(now time.Time) float64 {
 	oldest := now.UnixNano()/int64(bucketWidth) - windowBuckets + 1
+	taken := 0
 	for _, b := range p.window {
 		if b.slot >= oldest {
-			answers, taken, refused = answers+b.answers, taken+b.taken, refused+b.refused
+			taken += b.taken
 		}
 	}
-	return refused == 0 || float64(answers+p.inFlight) < admitRatio*float64(taken)+1
+	return float64(taken) / min(window, max(now.Sub(p.started), bucketWidth)).Seconds()
 }
 
 // bucket returns the bucket of now, emptied if it held an older slot.
@@ -145,12 +209,21 @@ func (p *pressure) bucket(now time.Time) *bucket {
 	return b
 }
 
-// current reads the limit.
-func (p *pressure) current() int {
+func later(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
+}
+
+// state reads the limit and the pace.
+func (p *pressure) state() pressureState {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return int(p.limit)
+	return p.stateLocked()
 }
+
+func (p *pressure) stateLocked() pressureState { return pressureState{limit: int(p.limit), pace: p.pace} }
 
 // swapPushedBack reads the push-backs since the last call.
 func (p *pressure) swapPushedBack() int64 {

@@ -8,15 +8,11 @@ import (
 	"time"
 )
 
-// tryEnter starts a dispatch at now if the limit and the ratio let it.
+// tryEnter starts a dispatch at now if the limit and the pace let it.
 func (p *pressure) tryEnter(now time.Time) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if !p.opens(now) {
-		return false
-	}
-	p.inFlight++
-	return true
+	return p.admit(now) == 0
 }
 
 var (
@@ -48,14 +44,14 @@ func TestPressureHealthyBackendIsNeverHeld(t *testing.T) {
 		}
 		now = now.Add(time.Millisecond)
 	}
-	if got := p.current(); got != 4 {
-		t.Errorf("limit %d, want 4", got)
+	if s := p.state(); s.limit != 4 || s.pace != 0 {
+		t.Errorf("state %+v, want a limit of 4 and no pace", s)
 	}
 }
 
 func TestPressureHalvesOncePerCooldownAndGrowsBack(t *testing.T) {
-	var changes []int
-	p := newPressure(16, func(limit int, _ result) { changes = append(changes, limit) })
+	var changes []pressureState
+	p := newPressure(16, func(s pressureState, _ result) { changes = append(changes, s) })
 	now := epochTime
 	// A burst of push-backs within one cooldown halves the limit once.
 	for range 16 {
@@ -64,35 +60,36 @@ func TestPressureHalvesOncePerCooldownAndGrowsBack(t *testing.T) {
 	for range 16 {
 		p.leaveAt(timedOut, now)
 	}
-	if got := p.current(); got != 8 {
-		t.Fatalf("limit %d after one burst, want 8", got)
+	if s := p.state(); s.limit != 8 || s.pace != 0 {
+		t.Fatalf("state %+v after one burst, want a limit of 8 and no pace yet", s)
 	}
-	for i := range 6 {
+	for range 5 {
 		now = now.Add(pressureCooldown)
-		p.tryEnter(now)
 		p.leaveAt(tooMany, now)
-		if i == 5 && p.current() != 1 {
-			t.Fatalf("limit %d, want the floor of 1", p.current())
-		}
 	}
-	// Answers grow it back, by about one per limit's worth of answers.
-	now = now.Add(2 * time.Second) // the push-backs leave the window
-	for n := 1; p.current() < 16; n++ {
-		if !p.tryEnter(now) {
-			t.Fatalf("answer %d: held at limit %d with nothing in flight", n, p.current())
-		}
+	if s := p.state(); s.limit != 1 || s.pace != minPace {
+		t.Fatalf("state %+v, want the floor of 1 and, with nothing taken, the least pace", s)
+	}
+	// Answers grow it back, and the pace is lifted once no push-back
+	// came for releaseAfter.
+	for n := 1; p.state().limit < 16 || p.state().pace > 0; n++ {
+		now = now.Add(10 * time.Millisecond)
+		p.inFlight++
 		p.leaveAt(answered, now)
-		if n > 16*16 {
-			t.Fatalf("limit %d after %d answers", p.current(), n)
+		if n > 10_000 {
+			t.Fatalf("state %+v after %d answers", p.state(), n)
 		}
 	}
-	if len(changes) != 2 || changes[0] != 8 || changes[1] != 16 {
-		t.Errorf("state changes %v, want [8 16]: leaving the workers, and coming back", changes)
+	if now.Sub(epochTime) < releaseAfter {
+		t.Errorf("the pace was lifted %s after the last push-back, sooner than %s", now.Sub(epochTime), releaseAfter)
+	}
+	if len(changes) != 2 || changes[0].limit != 8 || changes[1].limit != 16 || changes[1].pace != 0 {
+		t.Errorf("state changes %+v, want two: holding back at 8, then free at 16", changes)
 	}
 }
 
-// While the backend takes nothing, nothing is sent until its push-backs
-// are a second old; ctx ends a wait.
+// While the backend takes nothing, the agent probes it at minPace; ctx
+// ends a wait.
 func TestPressureProbesADeadBackend(t *testing.T) {
 	p := newPressure(8, nil)
 	now := epochTime
@@ -102,21 +99,21 @@ func TestPressureProbesADeadBackend(t *testing.T) {
 	for range 8 {
 		p.leaveAt(tooMany, now)
 	}
-	if p.tryEnter(now.Add(500 * time.Millisecond)) {
-		t.Error("a dispatch started while every answer of the last second was a push-back")
+	now = now.Add(pressureCooldown)
+	if !p.tryEnter(now) {
+		t.Fatal("no dispatch after the first cut")
 	}
-	// Once they have left it, the limit (halved once) lets dispatches
-	// through again.
-	later := now.Add(windowBuckets * bucketWidth)
-	for i := range 4 {
-		if !p.tryEnter(later) {
-			t.Fatalf("dispatch %d held once the push-backs left the window", i+1)
-		}
+	p.leaveAt(tooMany, now)
+	if !p.tryEnter(now) {
+		t.Fatal("no probe at all")
 	}
-	if p.tryEnter(later) {
-		t.Error("a fifth dispatch beside the limit of 4")
+	p.leaveAt(tooMany, now)
+	if p.tryEnter(now.Add(900 * time.Millisecond)) {
+		t.Error("a second probe within a second")
 	}
-
+	if !p.tryEnter(now.Add(time.Second)) {
+		t.Error("no probe a second later")
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
 	if err := p.enter(ctx); !errors.Is(err, context.DeadlineExceeded) {
@@ -124,26 +121,42 @@ func TestPressureProbesADeadBackend(t *testing.T) {
 	}
 }
 
-// A backend that takes n requests a second and answers 429 to the rest,
-// fast: once the agent has adapted, attempts stay within 1.2 n a second
-// and the backend stays busy. Simulated time: the figures do not depend
-// on the machine.
+// A backend that takes `rate` requests a second and answers 429 to the
+// rest, fast: after the first 5 s, attempts stay within 1.2 times the
+// rate every second and the backend is kept busy. Simulated time: the figures do
+// not depend on the machine.
 func TestPressureKeepsAttemptsNearARateLimit(t *testing.T) {
-	const (
-		workers = 16
-		rate    = 200 // the backend's admitted requests per second
-		seconds = 20
-		step    = 100 * time.Microsecond
-	)
+	for _, rate := range []int{5, 50, 200, 2000} {
+		attempts, taken := simulateRateLimit(rate, 16, 30)
+		took := 0
+		for sec := 5; sec < len(attempts); sec++ {
+			if attempts[sec] > rate*12/10+1 {
+				t.Errorf("rate %d, second %d: %d attempts, want at most 1.2 × %d", rate, sec, attempts[sec], rate)
+			}
+			took += taken[sec]
+		}
+		if want := rate * (len(taken) - 5) * 8 / 10; took < want {
+			t.Errorf("rate %d: the backend took %d after the first 5 s, want at least 0.8 of its rate, %d", rate, took, want)
+		}
+		t.Logf("rate %d: attempts per second %v", rate, attempts)
+		t.Logf("rate %d: taken per second    %v", rate, taken)
+	}
+}
+
+// simulateRateLimit runs an agent of workers against a token bucket of
+// rate a second (burst rate/10) answering 429 in 0.1 ms and 200 in 5 ms.
+func simulateRateLimit(rate, workers, seconds int) (attempts, taken []int) {
+	const step = 100 * time.Microsecond
 	p := newPressure(workers, nil)
 	type call struct {
 		end time.Time
 		r   result
 	}
 	var calls []call
-	tokens, refilled := float64(rate)/10, epochTime
-	attempts, taken := make([]int, seconds), make([]int, seconds)
-	for now := epochTime; now.Before(epochTime.Add(seconds * time.Second)); now = now.Add(step) {
+	burst := max(float64(rate)/10, 1)
+	tokens, refilled := burst, epochTime
+	attempts, taken = make([]int, seconds), make([]int, seconds)
+	for now := epochTime; now.Before(epochTime.Add(time.Duration(seconds) * time.Second)); now = now.Add(step) {
 		kept := calls[:0]
 		for _, c := range calls {
 			if c.end.After(now) {
@@ -153,7 +166,7 @@ func TestPressureKeepsAttemptsNearARateLimit(t *testing.T) {
 			p.leaveAt(c.r, now)
 		}
 		calls = kept
-		tokens = min(float64(rate)/10, tokens+now.Sub(refilled).Seconds()*rate)
+		tokens = min(burst, tokens+now.Sub(refilled).Seconds()*float64(rate))
 		refilled = now
 		for len(calls) < workers && p.tryEnter(now) {
 			sec := int(now.Sub(epochTime) / time.Second)
@@ -167,14 +180,5 @@ func TestPressureKeepsAttemptsNearARateLimit(t *testing.T) {
 			}
 		}
 	}
-	for sec := 5; sec < seconds; sec++ {
-		if attempts[sec] > rate*12/10 {
-			t.Errorf("second %d: %d attempts, want at most %d (1.2 × %d)", sec, attempts[sec], rate*12/10, rate)
-		}
-		if taken[sec] < rate*8/10 {
-			t.Errorf("second %d: the backend took %d, want at least %d of its %d", sec, taken[sec], rate*8/10, rate)
-		}
-	}
-	t.Logf("attempts per second: %v", attempts)
-	t.Logf("taken per second:    %v", taken)
+	return attempts, taken
 }

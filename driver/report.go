@@ -51,9 +51,8 @@ func (a *Agent) report() {
 			"not dispatched again, until their copy is made; last error: %s", n, a.metrics.heldNow(), reason))
 	}
 	if p := a.pressure; p != nil {
-		if n, limit := p.swapPushedBack(), p.current(); n > 0 || limit < a.opts.Workers {
-			a.log.Warning(fmt.Sprintf("back-pressure: %d answers pushed back (429, 503, timeout); %d of %d dispatches may run at once",
-				n, limit, a.opts.Workers))
+		if n, s := p.swapPushedBack(), p.state(); n > 0 || s.limit < a.opts.Workers || s.pace > 0 {
+			a.log.Warning(fmt.Sprintf("back-pressure: %d answers pushed back (429, 503, timeout); %s", n, a.holdingBack(s)))
 		}
 	}
 	if n := a.stats.unsettled.Swap(0); n > 0 {
@@ -83,15 +82,22 @@ func (a *Agent) onBlocked(blocked bool, reason string) {
 	a.log.Info("the broker unblocked publishing")
 }
 
-// onPressure hears the back-pressure limit leave or come back to the
-// workers.
-func (a *Agent) onPressure(limit int, r result) {
-	if limit < a.opts.Workers {
-		a.log.Warning(fmt.Sprintf("the backend pushes back (%s): %d of %d dispatches may run at once until it keeps up",
-			pushBackReason(r), limit, a.opts.Workers))
+// onPressure hears the agent start and stop holding back.
+func (a *Agent) onPressure(s pressureState, r result) {
+	if s.limit < a.opts.Workers || s.pace > 0 {
+		a.log.Warning(fmt.Sprintf("the backend pushes back (%s): %s until it keeps up", pushBackReason(r), a.holdingBack(s)))
 		return
 	}
-	a.log.Info(fmt.Sprintf("the backend keeps up again: %d dispatches may run at once", limit))
+	a.log.Info(fmt.Sprintf("the backend keeps up again: %d dispatches may run at once, not paced", s.limit))
+}
+
+// holdingBack says how the agent holds back.
+func (a *Agent) holdingBack(s pressureState) string {
+	line := fmt.Sprintf("%d of %d dispatches may run at once", s.limit, a.opts.Workers)
+	if s.pace > 0 {
+		line += fmt.Sprintf(", at most %.1f a second", s.pace)
+	}
+	return line
 }
 
 func pushBackReason(r result) string {
@@ -101,12 +107,12 @@ func pushBackReason(r result) string {
 	return "timeout"
 }
 
-// pressureLimit is the back-pressure limit, for the metrics.
-func (a *Agent) pressureLimit() int64 {
+// pressureState is the back-pressure state, for the metrics.
+func (a *Agent) pressureState() pressureState {
 	if a.pressure == nil {
-		return int64(a.opts.Workers)
+		return pressureState{limit: a.opts.Workers}
 	}
-	return int64(a.pressure.current())
+	return a.pressure.state()
 }
 
 // ping tells the gateway the agent is alive. It never blocks: a missed
