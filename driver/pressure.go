@@ -223,7 +223,9 @@ func (p *pressure) state() pressureState {
 	return p.stateLocked()
 }
 
-func (p *pressure) stateLocked() pressureState { return pressureState{limit: int(p.limit), pace: p.pace} }
+func (p *pressure) stateLocked() pressureState {
+	return pressureState{limit: int(p.limit), pace: p.pace}
+}
 
 // swapPushedBack reads the push-backs since the last call.
 func (p *pressure) swapPushedBack() int64 {
