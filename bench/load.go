@@ -116,10 +116,11 @@ func (b *broker) message(id int, ts int64) amqp.Publishing {
 	msg := amqp.Publishing{
 		ContentType: "application/json", DeliveryMode: amqp.Persistent,
 		MessageId: strconv.Itoa(id), Body: messageBody(id, ts, b.size),
+		Headers: amqp.Table{orderHeader: fmt.Sprintf("key-%d", id%orderKeys)},
 	}
 	if b.traceparent {
 		// A trace of its own per message, sampled.
-		msg.Headers = amqp.Table{"traceparent": fmt.Sprintf("00-%032x-%016x-01", id+1, id+1)}
+		msg.Headers["traceparent"] = fmt.Sprintf("00-%032x-%016x-01", id+1, id+1)
 	}
 	return msg
 }

@@ -20,7 +20,9 @@
 //	             global no-op); on request ours-json, and ours-traced:
 //	             given an SDK tracer provider that samples every message
 //	             (batch processor, spans discarded) and the W3C propagator;
-//	             -traceparent makes the messages carry a traceparent
+//	             -traceparent makes the messages carry a traceparent;
+//	             ours-nobp: back_pressure off; ours-ordered: ordering_key
+//	             on the messages' "order" header (50 keys, in turn)
 //
 // It also measures the end-to-end latency of (a) at a fixed publish rate
 // and, with -rss, the resident memory of (a) after 10,000 and 100,000

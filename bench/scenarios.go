@@ -48,10 +48,20 @@ var scenarios = []scenario{
 	{name: "http", label: "(c) amqp091 + net/http", run: runHTTP},
 	{name: "floor", label: "(b) amqp091 + Lura no-op", run: runFloor("no-op")},
 	{name: "floor-json", label: "(b) amqp091 + Lura json", run: runFloor("")},
-	{name: "ours", label: "(a) ours, no-op", run: runOurs("no-op", false), floor: "floor"},
-	{name: "ours-json", label: "(a) ours, json", run: runOurs("", false), floor: "floor-json", optional: true},
-	{name: "ours-traced", label: "(a) ours, no-op, traced", run: runOurs("no-op", true), floor: "floor", optional: true},
+	{name: "ours", label: "(a) ours, no-op", run: runOurs("no-op", false, nil), floor: "floor"},
+	{name: "ours-json", label: "(a) ours, json", run: runOurs("", false, nil), floor: "floor-json", optional: true},
+	{name: "ours-traced", label: "(a) ours, no-op, traced", run: runOurs("no-op", true, nil), floor: "floor", optional: true},
+	{name: "ours-nobp", label: "(a) ours, no-op, back_pressure off", floor: "floor", optional: true,
+		run: runOurs("no-op", false, map[string]any{"back_pressure": false})},
+	{name: "ours-ordered", label: "(a) ours, no-op, ordering_key (50 keys)", floor: "floor", optional: true,
+		run: runOurs("no-op", false, map[string]any{"ordering_key": "header:" + orderHeader})},
 }
+
+// orderHeader carries each message's ordering key, one of orderKeys.
+const (
+	orderHeader = "order"
+	orderKeys   = 50
+)
 
 // dispatchTimeout is the agents' consumer.timeout, and the floor's.
 const dispatchTimeout = 10 * time.Second
@@ -189,7 +199,7 @@ func runHTTP(ctx context.Context, e *env, p point, queue string, n int) (outcome
 // async.AgentStarter builds it, with the gateway's HTTP transport.
 func runFloor(encoding string) func(context.Context, *env, point, string, int) (outcome, error) {
 	return func(ctx context.Context, e *env, p point, queue string, n int) (outcome, error) {
-		cfg, err := e.luraConfig(queue, p, encoding)
+		cfg, err := e.luraConfig(queue, p, encoding, nil)
 		if err != nil {
 			return outcome{}, err
 		}
@@ -228,9 +238,9 @@ func runFloor(encoding string) func(context.Context, *env, point, string, int) (
 // runOurs is (a): the driver, started as KrakenD starts agents; done when
 // the backend saw n requests and nothing is left ready in the queue.
 // traced gives it a tracer provider that records every span.
-func runOurs(encoding string, traced bool) func(context.Context, *env, point, string, int) (outcome, error) {
+func runOurs(encoding string, traced bool, block map[string]any) func(context.Context, *env, point, string, int) (outcome, error) {
 	return func(ctx context.Context, e *env, p point, queue string, n int) (outcome, error) {
-		cfg, err := e.luraConfig(queue, p, encoding)
+		cfg, err := e.luraConfig(queue, p, encoding, block)
 		if err != nil {
 			return outcome{}, err
 		}
@@ -295,23 +305,28 @@ func (e *env) waitDrained(ctx context.Context, queue string, n int) error {
 
 // luraConfig is a krakend.json with one async agent for queue, parsed by
 // Lura's own parser: workers W, prefetch_count P, one POST backend with
-// the encoding ("" for Lura's default, json), timeout 10s.
-func (e *env) luraConfig(queue string, p point, encoding string) (luraconfig.ServiceConfig, error) {
+// the encoding ("" for Lura's default, json), timeout 10s; block adds
+// fields to the driver block.
+func (e *env) luraConfig(queue string, p point, encoding string, block map[string]any) (luraconfig.ServiceConfig, error) {
 	backend := map[string]any{"host": []string{e.backend.url}, "url_pattern": "/events", "method": "POST"}
 	if encoding != "" {
 		backend["encoding"] = encoding
 	}
+	driver := map[string]any{
+		"host": e.broker.url, "name": queue, "exchange": e.broker.exchange,
+		"durable": true, "prefetch_count": p.prefetch,
+	}
+	for k, v := range block {
+		driver[k] = v
+	}
 	doc, err := json.Marshal(map[string]any{
 		"version": 3,
 		"async_agent": []any{map[string]any{
-			"name":       "bench",
-			"connection": map[string]any{"max_retries": 3, "backoff_strategy": "linear"},
-			"consumer":   map[string]any{"topic": topic, "workers": p.workers, "timeout": dispatchTimeout.String()},
-			"backend":    []any{backend},
-			"extra_config": map[string]any{asyncamqp.Namespace: map[string]any{
-				"host": e.broker.url, "name": queue, "exchange": e.broker.exchange,
-				"durable": true, "prefetch_count": p.prefetch,
-			}},
+			"name":         "bench",
+			"connection":   map[string]any{"max_retries": 3, "backoff_strategy": "linear"},
+			"consumer":     map[string]any{"topic": topic, "workers": p.workers, "timeout": dispatchTimeout.String()},
+			"backend":      []any{backend},
+			"extra_config": map[string]any{asyncamqp.Namespace: driver},
 		}},
 	})
 	if err != nil {
@@ -347,7 +362,7 @@ func (e *env) latency(ctx context.Context, rate int, d time.Duration) (latencyRe
 	if err := e.broker.declare(queue); err != nil {
 		return latencyReport{}, 0, err
 	}
-	cfg, err := e.luraConfig(queue, latencyPoint, "no-op")
+	cfg, err := e.luraConfig(queue, latencyPoint, "no-op", nil)
 	if err != nil {
 		return latencyReport{}, 0, err
 	}
@@ -410,7 +425,7 @@ func (e *env) memory(ctx context.Context) (memory, error) {
 	if err := e.broker.preload(ctx, queue, n); err != nil {
 		return m, err
 	}
-	cfg, err := e.luraConfig(queue, latencyPoint, "no-op")
+	cfg, err := e.luraConfig(queue, latencyPoint, "no-op", nil)
 	if err != nil {
 		return m, err
 	}

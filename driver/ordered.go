@@ -101,13 +101,16 @@ func newSequencer() *sequencer {
 }
 
 // feed takes the deliveries until they end, then closes the workers'
-// channel. A message whose key is busy joins its line.
-func (s *sequencer) feed(a *Agent, deliveries <-chan amqp.Delivery, key keyOf) {
+// channel. A message whose key is busy joins its line, and lined hears
+// of it: its ack will be late, and the acks of the messages after it
+// need not wait for it.
+func (s *sequencer) feed(a *Agent, deliveries <-chan amqp.Delivery, key keyOf, lined func(*amqp.Delivery)) {
 	defer close(s.work)
 	for d := range deliveries {
 		item := sequenced{d: &d}
 		item.key, item.keyed = key(a, item.d)
 		if item.keyed && s.queued(item) {
+			lined(item.d)
 			continue
 		}
 		s.work <- item

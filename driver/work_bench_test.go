@@ -49,3 +49,7 @@ func benchWork(b *testing.B, opts Options) {
 // BenchmarkWork is the path of every message with no tracer and no
 // propagator (OpenTelemetry's global no-ops).
 func BenchmarkWork(b *testing.B) { benchWork(b, Options{}) }
+
+// BenchmarkWorkBackPressure is BenchmarkWork with back_pressure on, its
+// default: a healthy backend pays one lock per dispatch start and end.
+func BenchmarkWorkBackPressure(b *testing.B) { benchWork(b, Options{BackPressure: true}) }

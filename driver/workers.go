@@ -24,7 +24,8 @@ func (a *Agent) consume(ctx, bound context.Context, sess session, workers int) {
 	work := a.work
 	if a.keyOf != nil {
 		seq := newSequencer()
-		go seq.feed(a, f.Deliveries(), a.keyOf)
+		lined := func(d *amqp.Delivery) { f.settler.holding(&message{d: d}) }
+		go seq.feed(a, f.Deliveries(), a.keyOf, lined)
 		work = func(ctx, bound context.Context, f *flow) { a.workInOrder(ctx, bound, f, seq) }
 	}
 	var wg sync.WaitGroup
