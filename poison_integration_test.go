@@ -577,7 +577,7 @@ func TestNoDeadLetterKeepsRetryingAtMaxDelay(t *testing.T) {
 	be := newBackend(t, func(_ int, r received) int {
 		log.add(r)
 		if failing.Load() {
-			return http.StatusServiceUnavailable
+			return http.StatusInternalServerError
 		}
 		return http.StatusOK
 	})

@@ -40,7 +40,7 @@ func TestHostilePublisherCannotCrashSpoofOrSkipRetries(t *testing.T) {
 			return http.StatusInternalServerError
 		case !seen[id]: // every other message fails its first dispatch
 			seen[id] = true
-			return http.StatusServiceUnavailable
+			return http.StatusInternalServerError
 		}
 		return http.StatusOK
 	})
@@ -272,7 +272,7 @@ func TestBlockedPublishingDoesNotStallAcks(t *testing.T) {
 	be := newBackend(t, func(_ int, r received) int {
 		log.add(r)
 		if r.Header.Get("X-Amqp-Message-Id") == "bad" && bad.Add(1) == 1 {
-			return http.StatusServiceUnavailable
+			return http.StatusInternalServerError
 		}
 		return http.StatusOK
 	})

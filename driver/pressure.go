@@ -9,6 +9,9 @@ import (
 // Back-pressure: when the backend answers 429 or 503, or times out, the
 // whole agent slows down, by two means.
 //
+// Push-backs slow the agent only while they are at least a tenth of the
+// answers of the last second: a few stray 503s are no overload.
+//
 //   - An AIMD limit on dispatches in flight, between 1 and the workers:
 //     halved on a push-back (at most once per pressureCooldown) and grown
 //     by 1/limit on every other answer, as TCP grows its window. It
@@ -25,6 +28,7 @@ import (
 // nothing is paced.
 const (
 	pressureCooldown = 200 * time.Millisecond
+	minPushedShare   = 0.1
 	paceCut          = 0.9
 	minPace          = 1.0 // dispatches a second
 	releaseAfter     = 5 * time.Second
@@ -53,10 +57,11 @@ type pressure struct {
 	onChange func(s pressureState, r result)
 }
 
-// bucket counts the answers the backend took in one bucketWidth.
+// bucket counts the answers of one bucketWidth: those the backend took
+// and the push-backs.
 type bucket struct {
-	slot  int64 // the bucket's start, in bucketWidths since the epoch
-	taken int
+	slot          int64 // the bucket's start, in bucketWidths since the epoch
+	taken, pushed int
 }
 
 // pressureState is what the logs and metrics show.
@@ -153,7 +158,9 @@ func (p *pressure) leaveAt(r result, now time.Time) {
 func (p *pressure) pushBack(now time.Time) {
 	p.pushed = now
 	p.pushedBack++
-	if now.Sub(p.cut) < pressureCooldown {
+	p.bucket(now).pushed++
+	taken, pushed := p.counts(now)
+	if now.Sub(p.cut) < pressureCooldown || pushed < minPushedShare*(taken+pushed) {
 		return
 	}
 	episode := !p.cut.IsZero() && now.Sub(p.cut) < releaseAfter
@@ -162,7 +169,7 @@ func (p *pressure) pushBack(now time.Time) {
 	if !episode {
 		return
 	}
-	taken := p.takenRate(now)
+	taken = p.rate(taken, now)
 	if p.pace > 0 {
 		taken = min(taken, p.pace)
 	}
@@ -186,17 +193,22 @@ func (p *pressure) keepUp(now time.Time) {
 // holding tells whether the agent holds back; p.mu is held.
 func (p *pressure) holding() bool { return int(p.limit) < p.max || p.pace > 0 }
 
-// takenRate is the answers a second the backend took over the window,
-// or since the first answer when that is more recent.
-func (p *pressure) takenRate(now time.Time) float64 {
+// counts are the answers the backend took, and the push-backs, over the
+// window.
+func (p *pressure) counts(now time.Time) (taken, pushed float64) {
 	oldest := now.UnixNano()/int64(bucketWidth) - windowBuckets + 1
-	taken := 0
 	for _, b := range p.window {
 		if b.slot >= oldest {
-			taken += b.taken
+			taken, pushed = taken+float64(b.taken), pushed+float64(b.pushed)
 		}
 	}
-	return float64(taken) / min(window, max(now.Sub(p.started), bucketWidth)).Seconds()
+	return taken, pushed
+}
+
+// rate turns a count over the window into a rate a second; since the
+// first answer when that is more recent.
+func (p *pressure) rate(count float64, now time.Time) float64 {
+	return count / min(window, max(now.Sub(p.started), bucketWidth)).Seconds()
 }
 
 // bucket returns the bucket of now, emptied if it held an older slot.

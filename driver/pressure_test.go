@@ -49,6 +49,25 @@ func TestPressureHealthyBackendIsNeverHeld(t *testing.T) {
 	}
 }
 
+// A few stray 503s among many answers are no overload: the agent does not
+// slow down for them.
+func TestPressureIgnoresStrayPushBacks(t *testing.T) {
+	p := newPressure(8, nil)
+	now := epochTime
+	for i := range 20_000 {
+		p.tryEnter(now)
+		r := answered
+		if i%20 == 0 { // 5% of the answers
+			r = result{reason: "503", status: http.StatusServiceUnavailable, kind: "http_status"}
+		}
+		p.leaveAt(r, now)
+		now = now.Add(time.Millisecond)
+	}
+	if s := p.state(); s.limit != 8 || s.pace != 0 {
+		t.Errorf("state %+v after 5%% stray 503s, want the full limit and no pace", s)
+	}
+}
+
 func TestPressureHalvesOncePerCooldownAndGrowsBack(t *testing.T) {
 	var changes []pressureState
 	p := newPressure(16, func(s pressureState, _ result) { changes = append(changes, s) })
