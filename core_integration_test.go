@@ -346,7 +346,7 @@ func TestAutoAckDoesNotRequeueFailures(t *testing.T) {
 func TestUnackedNeverExceedsPrefetch(t *testing.T) {
 	f := newFixture(t)
 	be := newBackend(t, nil)
-	be.delay = 20 * time.Millisecond
+	be.delay = 50 * time.Millisecond // long enough for several rabbitmqctl probes on a loaded machine
 	gw := startAgents(t, agentSpec{Name: "qos", Topic: "k", Workers: 16, Backend: be.URL,
 		Block: block(f.queue, f.exchange, map[string]interface{}{"prefetch_count": 3})})
 	gw.waitPing(t, "qos")
