@@ -106,6 +106,8 @@ func brokerCancelsConsumers(t *testing.T, c *clustertest.Cluster) {
 		t.Fatal(err)
 	}
 	run.fault("queue deleted: the broker cancels every consumer")
+	run.awaitConsuming(2)
+	t.Logf("every gateway consumes again %s after the cancel", time.Since(run.faultAt).Round(time.Millisecond))
 	run.awaitConsumers(gateways)
 	run.publish(300, 600)
 	run.untilDelivered(600)
@@ -157,19 +159,21 @@ func queueTypes(rows map[string]clustertest.QueueRow) string {
 // throughput drains a preloaded quorum queue with 1, 2 and 3 gateways and
 // reports messages per second and where the processor time went.
 func throughput(t *testing.T, c *clustertest.Cluster) {
-	const n = 8000
+	const n = 20000
 	for k := 1; k <= gateways; k++ {
 		t.Run(fmt.Sprintf("%dgateways", k), func(t *testing.T) {
 			run := newClusterFlow(t, c, 0)
 			run.publish(0, n)
+			leader := run.leader()
 			cpu := startCPU(c)
 			start := time.Now()
 			run.startGateways(k)
 			run.untilDelivered(n)
 			first, last := run.rec.span()
 			used := cpu.since(time.Since(start))
-			t.Logf("THROUGHPUT %d gateway(s): %d messages in %s = %.0f msg/s (first to last delivery); %s; split %s",
-				k, n, last.Sub(first).Round(time.Millisecond), float64(n)/last.Sub(first).Seconds(), used, run.rec.split(k))
+			t.Logf("THROUGHPUT %d gateway(s): %d messages in %s = %.0f msg/s (first to last delivery); %s; leader %s; split %s",
+				k, n, last.Sub(first).Round(time.Millisecond), float64(n)/last.Sub(first).Seconds(), used,
+				leader.Name, run.rec.split(k))
 		})
 	}
 }
@@ -244,6 +248,16 @@ func (f *clusterFlow) publish(from, to int) {
 	f.total = max(f.total, to)
 }
 
+// sessions counts the sessions each gateway opened (one more per
+// reconnection).
+func (f *clusterFlow) sessions() string {
+	var out []string
+	for i, g := range f.gws {
+		out = append(out, fmt.Sprintf("g%d %d", i+1, strings.Count(g.logs.String(), "] consuming queue ")))
+	}
+	return strings.Join(out, ", ")
+}
+
 func (f *clusterFlow) leader() *clustertest.Node {
 	var n *clustertest.Node
 	brokertest.Eventually(f.t, time.Minute, "the queue's leader", func() bool {
@@ -263,6 +277,20 @@ func (f *clusterFlow) untilDelivered(n int) {
 	f.t.Helper()
 	brokertest.Eventually(f.t, 4*time.Minute, fmt.Sprintf("%d messages delivered", n), func() bool {
 		return f.rec.unique() >= n
+	})
+}
+
+// awaitConsuming waits until each gateway has logged that it consumes
+// for the nth time, i.e. on its nth session.
+func (f *clusterFlow) awaitConsuming(n int) {
+	f.t.Helper()
+	brokertest.Eventually(f.t, time.Minute, fmt.Sprintf("session %d of every gateway", n), func() bool {
+		for _, g := range f.gws {
+			if strings.Count(g.logs.String(), "] consuming queue ") < n {
+				return false
+			}
+		}
+		return true
 	})
 }
 
@@ -303,8 +331,9 @@ func (f *clusterFlow) report() {
 	f.t.Logf("RESULT %s: published %d (publisher re-sent %d after unconfirmed batches), delivered %d, unique %d, lost %d, "+
 		"duplicates %d (%d redelivered by the broker after a lost ack, %d extra copies from the publisher's re-sends)",
 		f.what, f.total, f.pub.Resent.Load(), r.total(), r.unique(), len(lost), dups, redelivered, dups-redelivered)
-	f.t.Logf("RECOVERY %s: first delivery after the fault %s later; per gateway %s; split %s",
-		f.what, r.firstAfter(f.faultAt, 0), r.perGatewayAfter(f.faultAt, len(f.gws)), r.split(len(f.gws)))
+	f.t.Logf("RECOVERY %s: first delivery after the fault %s later; per gateway, first delivery after the fault "+
+		"and longest pause after it: %s; sessions per gateway: %s; split %s",
+		f.what, r.firstAfter(f.faultAt, 0), r.perGatewayAfter(f.faultAt, len(f.gws)), f.sessions(), r.split(len(f.gws)))
 	if len(lost) > 0 {
 		f.t.Errorf("%d messages lost, e.g. %v", len(lost), lost[:min(10, len(lost))])
 	}
@@ -444,9 +473,26 @@ func (r *recorder) firstAfter(at time.Time, gw int) string {
 func (r *recorder) perGatewayAfter(at time.Time, k int) string {
 	var out []string
 	for gw := 1; gw <= k; gw++ {
-		out = append(out, fmt.Sprintf("g%d %s", gw, r.firstAfter(at, gw)))
+		out = append(out, fmt.Sprintf("g%d %s/%s", gw, r.firstAfter(at, gw), r.longestPause(at, gw)))
 	}
 	return strings.Join(out, ", ")
+}
+
+// longestPause is the longest time gateway gw went without a delivery
+// from at until its last delivery: how long a reconnection stalled it.
+func (r *recorder) longestPause(at time.Time, gw int) time.Duration {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var longest time.Duration
+	prev := at
+	for _, d := range r.log {
+		if d.gateway != gw || d.at.Before(at) {
+			continue
+		}
+		longest = max(longest, d.at.Sub(prev))
+		prev = d.at
+	}
+	return longest.Round(time.Millisecond)
 }
 
 // split is each gateway's share of the deliveries.
@@ -478,26 +524,29 @@ func (r *recorder) span() (first, last time.Time) {
 // process (the gateways, the backend, the test).
 type cpuMark struct {
 	c     *clustertest.Cluster
-	nodes time.Duration
+	nodes []time.Duration
 	self  time.Duration
 }
 
 func startCPU(c *clustertest.Cluster) cpuMark {
-	return cpuMark{c: c, nodes: nodesCPU(c), self: clustertest.SelfCPU()}
-}
-
-func nodesCPU(c *clustertest.Cluster) time.Duration {
-	var sum time.Duration
+	m := cpuMark{c: c, self: clustertest.SelfCPU()}
 	for _, n := range c.Nodes {
-		sum += n.CPU()
+		m.nodes = append(m.nodes, n.CPU())
 	}
-	return sum
+	return m
 }
 
-// since says how much of the machine's cores the nodes and this process
-// used over wall.
+// since says how many of the machine's cores each node and this process
+// used on average over wall.
 func (m cpuMark) since(wall time.Duration) string {
-	nodes, self := nodesCPU(m.c)-m.nodes, clustertest.SelfCPU()-m.self
-	return fmt.Sprintf("CPU over %s: nodes %.2f cores, gateways+backend+test %.2f cores",
-		wall.Round(time.Millisecond), nodes.Seconds()/wall.Seconds(), self.Seconds()/wall.Seconds())
+	cores := func(d time.Duration) float64 { return d.Seconds() / wall.Seconds() }
+	var sum time.Duration
+	var each []string
+	for i, n := range m.c.Nodes {
+		d := n.CPU() - m.nodes[i]
+		sum += d
+		each = append(each, fmt.Sprintf("%.2f", cores(d)))
+	}
+	return fmt.Sprintf("CPU over %s in cores: nodes %.2f (%s), gateways+backend+test %.2f",
+		wall.Round(time.Millisecond), cores(sum), strings.Join(each, "+"), cores(clustertest.SelfCPU()-m.self))
 }
