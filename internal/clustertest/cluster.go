@@ -104,7 +104,7 @@ func (c *Cluster) awaitClustered(n int) {
 			return
 		}
 		if time.Now().After(deadline) {
-			c.t.Fatalf("cluster: %d of %d nodes running after 2 minutes (%v); logs in %s", running, n, err, c.dir)
+			c.t.Fatalf("cluster: %d of %d nodes running after 2 minutes (%v)", running, n, err)
 		}
 		time.Sleep(time.Second)
 	}
@@ -124,10 +124,14 @@ func (c *Cluster) runningNodes() (int, error) {
 	return len(status.Running), nil
 }
 
-// destroy kills every node of the run and removes its data.
+// destroy kills every node of the run and removes its data; after a
+// failure it first shows the end of each node's log, which goes with it.
 func (c *Cluster) destroy() {
 	for _, n := range c.Nodes {
 		n.Proxy.Close()
+		if c.t.Failed() {
+			c.t.Logf("cluster: the end of %s's log:\n%s", n.Name, n.logTail(40))
+		}
 	}
 	killRun(c.run)
 	if err := os.RemoveAll(c.dir); err != nil {

@@ -94,7 +94,7 @@ func (n *Node) start() {
 	cmd := asNodeUser(serverPath(), n.env(), "-detached")
 	cmd.Dir = n.dir
 	if out, err := cmd.CombinedOutput(); err != nil {
-		n.c.t.Fatalf("cluster: start %s: %v: %s", n.Name, err, out)
+		n.c.t.Fatalf("cluster: start %s (rabbitmq-server -detached): %v: %s", n.Name, err, out)
 	}
 }
 
@@ -109,8 +109,7 @@ func (n *Node) awaitUp() {
 			return
 		}
 		if time.Now().After(deadline) {
-			n.c.t.Fatalf("cluster: %s did not answer within 2 minutes (%v); its log: %s",
-				n.Name, err, filepath.Join(n.dir, "log"))
+			n.c.t.Fatalf("cluster: %s did not answer within 2 minutes: %v", n.Name, err)
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
@@ -162,6 +161,16 @@ func (n *Node) Running() bool {
 
 // CPU is the processor time the node's process has used so far.
 func (n *Node) CPU() time.Duration { return processCPU(n.pid()) }
+
+// logTail is the last lines of the node's log.
+func (n *Node) logTail(lines int) string {
+	b, err := os.ReadFile(filepath.Join(n.dir, "log", n.Name+".log"))
+	if err != nil {
+		return err.Error()
+	}
+	all := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	return strings.Join(all[max(0, len(all)-lines):], "\n")
+}
 
 // ctl runs rabbitmqctl against the node, within a minute.
 func (n *Node) ctl(args ...string) ([]byte, error) {
