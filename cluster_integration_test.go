@@ -62,13 +62,13 @@ func leaderNodeKilled(t *testing.T, c *clustertest.Cluster) {
 // one before is back.
 func rollingRestart(t *testing.T, c *clustertest.Cluster) {
 	run := newClusterFlow(t, c, gateways)
-	run.publishInBackground(20000, 1000)
+	run.publishInBackground(20000, 400) // 50 s of flow: longer than the three restarts
 	run.untilDelivered(2000)
 	run.fault("rolling restart")
 	for _, n := range c.Nodes {
 		n.Stop()
 		n.Start()
-		t.Logf("%s restarted (%d delivered so far)", n.Name, run.rec.unique())
+		t.Logf("%s restarted (%d confirmed, %d delivered so far)", n.Name, run.pub.Confirmed.Load(), run.rec.unique())
 	}
 	run.finish()
 }
@@ -176,6 +176,53 @@ func throughput(t *testing.T, c *clustertest.Cluster) {
 				leader.Name, run.rec.split(k))
 		})
 	}
+	t.Run("amqp091", func(t *testing.T) { rawCeiling(t, c, n) })
+}
+
+// rawCeiling drains the same preloaded quorum queue with one plain
+// amqp091 consumer (prefetch 60, an ack per message, no HTTP): what the
+// cluster gives a consumer that does nothing, beside the gateways.
+func rawCeiling(t *testing.T, c *clustertest.Cluster, n int) {
+	run := newClusterFlow(t, c, 0)
+	run.publish(0, n)
+	leader := run.leader()
+	conn, err := amqp.Dial(c.Nodes[1].URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ch, err := conn.Channel()
+	if err == nil {
+		err = ch.Qos(60, 0, false)
+	}
+	var deliveries <-chan amqp.Delivery
+	if err == nil {
+		deliveries, err = ch.Consume(run.queue, "", false, false, false, false, nil)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	cpu := startCPU(c)
+	start := time.Now()
+	var first time.Time
+	timeout := time.After(3 * time.Minute)
+	for i := range n {
+		var d amqp.Delivery
+		select {
+		case d = <-deliveries:
+		case <-timeout:
+			t.Fatalf("%d of %d messages after 3 minutes", i, n)
+		}
+		if i == 0 {
+			first = time.Now()
+		}
+		if err := d.Ack(false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	took := time.Since(first)
+	t.Logf("THROUGHPUT plain amqp091 consumer: %d messages in %s = %.0f msg/s; %s; leader %s",
+		n, took.Round(time.Millisecond), float64(n)/took.Seconds(), cpu.since(time.Since(start)), leader.Name)
 }
 
 // ---------------------------------------------------------------- a scenario
