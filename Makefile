@@ -137,6 +137,7 @@ CLUSTER_TEST_FLAGS ?= -count=1 -timeout 20m
 ## gateways. Needs rabbitmq-server and rabbitmqctl; as root, a rabbitmq
 ## user. About two minutes. See CONTRIBUTING.md.
 cluster-test:
+	GOWORK=off $(GO) test $(CLUSTER_TEST_FLAGS) -tags cluster -v ./internal/clustertest
 	GOWORK=off $(GO) test $(CLUSTER_TEST_FLAGS) -tags 'integration cluster' -run '^TestCluster$$' -v .
 
 # Soak settings, e.g. make soak SOAK_MESSAGES=20000 SOAK_RATE=500.

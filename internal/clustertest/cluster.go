@@ -20,6 +20,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -133,7 +134,14 @@ func (c *Cluster) destroy() {
 			c.t.Logf("cluster: the end of %s's log:\n%s", n.Name, n.logTail(40))
 		}
 	}
-	killRun(c.run)
+	for _, n := range c.Nodes {
+		if pid := n.pid(); pid != 0 {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+	if left := killRuns(func(run string) bool { return run == c.run }); len(left) > 0 {
+		c.t.Errorf("cluster: processes %v of %s outlived SIGKILL", left, c.run)
+	}
 	if err := os.RemoveAll(c.dir); err != nil {
 		c.t.Errorf("cluster: remove %s: %v", c.dir, err)
 	}

@@ -189,43 +189,89 @@ func processCPU(pid int) time.Duration {
 // and their backends) has used so far.
 func SelfCPU() time.Duration { return processCPU(os.Getpid()) }
 
-// killRun kills, by process id, every process whose command line names
-// the run: its nodes (and the CLI calls still talking to them). It waits
-// up to 10 s for them to end, so that their data can be removed.
-func killRun(run string) {
-	marker := []byte(Prefix + run)
-	var pids []int
-	entries, _ := os.ReadDir("/proc")
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == os.Getpid() {
+// nodeRun returns the run a process belongs to: the run id in its
+// RABBITMQ_NODENAME (a node: the VM's command line does not name it) or
+// in its command line (a CLI call naming a node), or "".
+func nodeRun(pid int) string {
+	for _, file := range []string{"environ", "cmdline"} {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/%s", pid, file))
+		if err != nil {
 			continue
 		}
-		cmdline, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		if err == nil && bytes.Contains(cmdline, marker) && syscall.Kill(pid, syscall.SIGKILL) == nil {
+		for _, field := range bytes.Split(b, []byte{0}) {
+			f := string(field)
+			f = strings.TrimPrefix(f, "RABBITMQ_NODENAME=")
+			if strings.HasPrefix(f, Prefix) {
+				run, _, _ := strings.Cut(strings.TrimPrefix(f, Prefix), "-")
+				return run
+			}
+		}
+	}
+	return ""
+}
+
+// killRuns kills, by process id, every process of the runs that doomed
+// says are over: their nodes (and CLI calls still talking to them). It
+// waits up to 10 s for them to end, so that their data can be removed,
+// and returns those that did not.
+func killRuns(doomed func(run string) bool) []int {
+	var pids []int
+	for _, pid := range processes(doomed) {
+		if syscall.Kill(pid, syscall.SIGKILL) == nil {
 			pids = append(pids, pid)
 		}
 	}
 	deadline := time.Now().Add(10 * time.Second)
+	var left []int
 	for _, pid := range pids {
 		for alive(pid) && time.Now().Before(deadline) {
 			time.Sleep(50 * time.Millisecond)
 		}
+		if alive(pid) {
+			left = append(left, pid)
+		}
 	}
+	return left
+}
+
+// processes lists the live processes of the runs that match says.
+func processes(match func(run string) bool) []int {
+	var pids []int
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == os.Getpid() || !alive(pid) {
+			continue
+		}
+		if run := nodeRun(pid); run != "" && match(run) {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
 }
 
 // sweep kills the nodes and removes the data of earlier runs whose test
-// process is gone: a run killed before its cleanup left them.
+// process is gone: a run killed before its cleanup (a test timeout, a
+// kill) left them.
 func sweep() {
+	live := map[string]bool{}
 	dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), Prefix+"*"))
 	for _, dir := range dirs {
 		owner, err := os.ReadFile(filepath.Join(dir, "owner"))
 		pid, _ := strconv.Atoi(strings.TrimSpace(string(owner)))
 		if err == nil && alive(pid) {
-			continue
+			live[runOfDir(dir)] = true
 		}
-		run := strings.SplitN(strings.TrimPrefix(filepath.Base(dir), Prefix), "-", 2)[0]
-		killRun(run)
-		_ = os.RemoveAll(dir)
 	}
+	killRuns(func(run string) bool { return !live[run] })
+	for _, dir := range dirs {
+		if !live[runOfDir(dir)] {
+			_ = os.RemoveAll(dir)
+		}
+	}
+}
+
+func runOfDir(dir string) string {
+	run, _, _ := strings.Cut(strings.TrimPrefix(filepath.Base(dir), Prefix), "-")
+	return run
 }
