@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"sort"
 	"strconv"
 	"strings"
@@ -34,7 +35,8 @@ const gateways = 3
 func TestCluster(t *testing.T) {
 	c := clustertest.Start(t, 3)
 	t.Run("LeaderNodeKilled", func(t *testing.T) { leaderNodeKilled(t, c) })
-	t.Run("RollingRestart", func(t *testing.T) { rollingRestart(t, c) })
+	t.Run("RollingRestart", func(t *testing.T) { rollingRestart(t, c, false) })
+	t.Run("RollingRestartDrained", func(t *testing.T) { rollingRestart(t, c, true) })
 	t.Run("NodeCutOff", func(t *testing.T) { nodeCutOff(t, c) })
 	t.Run("BrokerCancelsConsumers", func(t *testing.T) { brokerCancelsConsumers(t, c) })
 	t.Run("FailureQueuesAreQuorum", func(t *testing.T) { failureQueuesAreQuorum(t, c) })
@@ -42,7 +44,7 @@ func TestCluster(t *testing.T) {
 }
 
 // leaderNodeKilled: the node that leads the queue is killed while 20,000
-// messages clusterFlow, and started again a little later.
+// messages flow, and started again a little later.
 func leaderNodeKilled(t *testing.T, c *clustertest.Cluster) {
 	run := newClusterFlow(t, c, gateways)
 	leader := run.leader()
@@ -58,17 +60,30 @@ func leaderNodeKilled(t *testing.T, c *clustertest.Cluster) {
 }
 
 // rollingRestart: each node is stopped and started in turn, as for an
-// upgrade, while messages clusterFlow; the next node goes down only once the
-// one before is back.
-func rollingRestart(t *testing.T, c *clustertest.Cluster) {
+// upgrade, while messages flow; the next node goes down only once the
+// one before is back. With drain, each node is first put in maintenance
+// mode (rabbitmq-upgrade drain), as RabbitMQ's upgrade guide says.
+func rollingRestart(t *testing.T, c *clustertest.Cluster, drain bool) {
 	run := newClusterFlow(t, c, gateways)
-	run.publishInBackground(20000, 400) // 50 s of flow: longer than the three restarts
+	run.publishInBackground(16000, 400) // 40 s of flow: longer than the three restarts
 	run.untilDelivered(2000)
-	run.fault("rolling restart")
+	what := "rolling restart"
+	if drain {
+		what = "rolling restart with drain"
+	}
+	run.fault(what)
 	for _, n := range c.Nodes {
+		from, led := time.Now(), run.leader() == n
+		if drain {
+			n.Drain()
+		}
 		n.Stop()
 		n.Start()
-		t.Logf("%s restarted (%d confirmed, %d delivered so far)", n.Name, run.pub.Confirmed.Load(), run.rec.unique())
+		if drain {
+			n.Revive()
+		}
+		t.Logf("%s restarted (it led the queue: %t); longest pause in deliveries meanwhile %s; %d confirmed, %d delivered so far",
+			n.Name, led, run.rec.longestGap(from, time.Now()), run.pub.Confirmed.Load(), run.rec.unique())
 	}
 	run.finish()
 }
@@ -109,6 +124,8 @@ func brokerCancelsConsumers(t *testing.T, c *clustertest.Cluster) {
 	run.awaitConsuming(2)
 	t.Logf("every gateway consumes again %s after the cancel", time.Since(run.faultAt).Round(time.Millisecond))
 	run.awaitConsumers(gateways)
+	t.Logf("the broker lists %d consumers again %s after the cancel; publishing the second half (the first delivery "+
+		"after the fault below includes this wait)", gateways, time.Since(run.faultAt).Round(time.Millisecond))
 	run.publish(300, 600)
 	run.untilDelivered(600)
 	for _, g := range run.gws {
@@ -171,9 +188,9 @@ func throughput(t *testing.T, c *clustertest.Cluster) {
 			run.untilDelivered(n)
 			first, last := run.rec.span()
 			used := cpu.since(time.Since(start))
-			t.Logf("THROUGHPUT %d gateway(s): %d messages in %s = %.0f msg/s (first to last delivery); %s; leader %s; split %s",
+			t.Logf("THROUGHPUT %d gateway(s): %d messages in %s = %.0f msg/s (first to last delivery); %s; leader %s; split %s; load average %s",
 				k, n, last.Sub(first).Round(time.Millisecond), float64(n)/last.Sub(first).Seconds(), used,
-				leader.Name, run.rec.split(k))
+				leader.Name, run.rec.split(k), loadAverage())
 		})
 	}
 	t.Run("amqp091", func(t *testing.T) { rawCeiling(t, c, n) })
@@ -221,8 +238,18 @@ func rawCeiling(t *testing.T, c *clustertest.Cluster, n int) {
 		}
 	}
 	took := time.Since(first)
-	t.Logf("THROUGHPUT plain amqp091 consumer: %d messages in %s = %.0f msg/s; %s; leader %s",
-		n, took.Round(time.Millisecond), float64(n)/took.Seconds(), cpu.since(time.Since(start)), leader.Name)
+	t.Logf("THROUGHPUT plain amqp091 consumer: %d messages in %s = %.0f msg/s; %s; leader %s; load average %s",
+		n, took.Round(time.Millisecond), float64(n)/took.Seconds(), cpu.since(time.Since(start)), leader.Name, loadAverage())
+}
+
+// loadAverage is the machine's load over the last minute: other work
+// shares the cores with the cluster.
+func loadAverage() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "unknown"
+	}
+	return strings.Fields(string(b))[0]
 }
 
 // ---------------------------------------------------------------- a scenario
@@ -540,6 +567,23 @@ func (r *recorder) longestPause(at time.Time, gw int) time.Duration {
 		prev = d.at
 	}
 	return longest.Round(time.Millisecond)
+}
+
+// longestGap is the longest time between two deliveries, by any
+// gateway, from from to to.
+func (r *recorder) longestGap(from, to time.Time) time.Duration {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var longest time.Duration
+	prev := from
+	for _, d := range r.log {
+		if d.at.Before(from) || d.at.After(to) {
+			continue
+		}
+		longest = max(longest, d.at.Sub(prev))
+		prev = d.at
+	}
+	return max(longest, to.Sub(prev)).Round(time.Millisecond)
 }
 
 // split is each gateway's share of the deliveries.

@@ -172,14 +172,35 @@ func (n *Node) logTail(lines int) string {
 	return strings.Join(all[max(0, len(all)-lines):], "\n")
 }
 
+// Drain puts the node in maintenance mode before a planned stop, as
+// `rabbitmq-upgrade drain` does for an upgrade: it hands the leadership
+// of its quorum queues to other nodes and closes its client connections.
+func (n *Node) Drain() {
+	n.c.t.Helper()
+	if _, err := n.cli("rabbitmq-upgrade", "drain"); err != nil {
+		n.c.t.Fatalf("cluster: %v", err)
+	}
+}
+
+// Revive takes the node out of maintenance mode.
+func (n *Node) Revive() {
+	n.c.t.Helper()
+	if _, err := n.cli("rabbitmq-upgrade", "revive"); err != nil {
+		n.c.t.Fatalf("cluster: %v", err)
+	}
+}
+
 // ctl runs rabbitmqctl against the node, within a minute.
-func (n *Node) ctl(args ...string) ([]byte, error) {
+func (n *Node) ctl(args ...string) ([]byte, error) { return n.cli("rabbitmqctl", args...) }
+
+// cli runs one of RabbitMQ's CLI tools against the node, within a minute.
+func (n *Node) cli(tool string, args ...string) ([]byte, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "rabbitmqctl", append([]string{"-q", "-n", n.Name}, args...)...)
+	cmd := exec.CommandContext(ctx, tool, append([]string{"-q", "-n", n.Name}, args...)...)
 	out, err := cmd.Output()
 	if err != nil {
-		return out, fmt.Errorf("rabbitmqctl -n %s %s: %w: %s", n.Name, strings.Join(args, " "), err, stderr(err))
+		return out, fmt.Errorf("%s -n %s %s: %w: %s", tool, n.Name, strings.Join(args, " "), err, stderr(err))
 	}
 	return out, nil
 }
