@@ -51,11 +51,11 @@ func leaderNodeKilled(t *testing.T, c *clustertest.Cluster) {
 	run.publishInBackground(20000, 2000)
 	run.untilDelivered(4000)
 	run.fault(fmt.Sprintf("kill %s, the queue's leader", leader.Name))
-	leader.Kill()
+	leader.Kill(t)
 	t.Logf("new leader: %s", run.leader().Name)
 	run.untilDelivered(12000)
 	t.Logf("starting %s again", leader.Name)
-	leader.Start()
+	leader.Start(t)
 	run.finish()
 }
 
@@ -65,7 +65,7 @@ func leaderNodeKilled(t *testing.T, c *clustertest.Cluster) {
 // mode (rabbitmq-upgrade drain), as RabbitMQ's upgrade guide says.
 func rollingRestart(t *testing.T, c *clustertest.Cluster, drain bool) {
 	run := newClusterFlow(t, c, gateways)
-	run.publishInBackground(16000, 400) // 40 s of flow: longer than the three restarts
+	run.publishInBackground(20000, 400) // 50 s of flow: longer than the three restarts
 	run.untilDelivered(2000)
 	what := "rolling restart"
 	if drain {
@@ -75,12 +75,12 @@ func rollingRestart(t *testing.T, c *clustertest.Cluster, drain bool) {
 	for _, n := range c.Nodes {
 		from, led := time.Now(), run.leader() == n
 		if drain {
-			n.Drain()
+			n.Drain(t)
 		}
-		n.Stop()
-		n.Start()
+		n.Stop(t)
+		n.Start(t)
 		if drain {
-			n.Revive()
+			n.Revive(t)
 		}
 		t.Logf("%s restarted (it led the queue: %t); longest pause in deliveries meanwhile %s; %d confirmed, %d delivered so far",
 			n.Name, led, run.rec.longestGap(from, time.Now()), run.pub.Confirmed.Load(), run.rec.unique())
@@ -111,7 +111,7 @@ func brokerCancelsConsumers(t *testing.T, c *clustertest.Cluster) {
 	run := newClusterFlow(t, c, gateways)
 	run.publish(0, 300)
 	run.untilDelivered(300)
-	conn := c.Dial()
+	conn := c.Dial(t)
 	defer conn.Close()
 	ch, err := conn.Channel()
 	if err != nil {
@@ -291,7 +291,7 @@ func (f *clusterFlow) publishInBackground(n int, rate float64) {
 }
 
 func (f *clusterFlow) declare() {
-	conn := f.c.Dial()
+	conn := f.c.Dial(f.t)
 	defer conn.Close()
 	ch, err := conn.Channel()
 	if err != nil {
@@ -570,7 +570,7 @@ func (r *recorder) longestPause(at time.Time, gw int) time.Duration {
 }
 
 // longestGap is the longest time between two deliveries, by any
-// gateway, from from to to.
+// gateway, from from to to (the first counted from from).
 func (r *recorder) longestGap(from, to time.Time) time.Duration {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -583,7 +583,7 @@ func (r *recorder) longestGap(from, to time.Time) time.Duration {
 		longest = max(longest, d.at.Sub(prev))
 		prev = d.at
 	}
-	return max(longest, to.Sub(prev)).Round(time.Millisecond)
+	return longest.Round(time.Millisecond)
 }
 
 // split is each gateway's share of the deliveries.

@@ -19,7 +19,6 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -54,15 +53,12 @@ func Start(t testing.TB, n int) *Cluster {
 		c.Nodes = append(c.Nodes, c.newNode(i+1))
 	}
 	started := time.Now()
-	c.Nodes[0].Start()
-	var wg sync.WaitGroup
+	c.Nodes[0].Start(t)
 	for _, node := range c.Nodes[1:] {
-		wg.Add(1)
-		go func() { defer wg.Done(); node.start() }()
+		node.start(t) // -detached returns at once: they boot side by side
 	}
-	wg.Wait()
 	for _, node := range c.Nodes[1:] {
-		node.awaitUp()
+		node.awaitUp(t)
 	}
 	c.awaitClustered(n)
 	t.Logf("cluster of %d nodes up in %s: %s", n, time.Since(started).Round(100*time.Millisecond), c.names())
@@ -160,8 +156,8 @@ func (c *Cluster) Up() []*Node {
 
 // Dial connects straight to the first node that answers, not through
 // its proxy, for the test's own publishing and inspection.
-func (c *Cluster) Dial() *amqp.Connection {
-	c.t.Helper()
+func (c *Cluster) Dial(t testing.TB) *amqp.Connection {
+	t.Helper()
 	var errs []error
 	for _, n := range c.Up() {
 		conn, err := amqp.Dial(n.URL())
@@ -170,7 +166,7 @@ func (c *Cluster) Dial() *amqp.Connection {
 		}
 		errs = append(errs, err)
 	}
-	c.t.Fatalf("cluster: no node answers: %v", errs)
+	t.Fatalf("cluster: no node answers: %v", errs)
 	return nil
 }
 

@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"testing"
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
@@ -83,24 +84,26 @@ func (n *Node) pidFile() string { return filepath.Join(n.dir, "pid") }
 
 // Start starts the node (again) and waits until it accepts AMQP
 // connections, which it does once it has booted and joined the cluster.
-func (n *Node) Start() {
-	n.c.t.Helper()
-	n.start()
-	n.awaitUp()
+// t is the test that asks (the methods of a node fail it, not the test
+// that started the cluster).
+func (n *Node) Start(t testing.TB) {
+	t.Helper()
+	n.start(t)
+	n.awaitUp(t)
 }
 
-func (n *Node) start() {
+func (n *Node) start(t testing.TB) {
 	_ = os.Remove(n.pidFile())
 	cmd := asNodeUser(serverPath(), n.env(), "-detached")
 	cmd.Dir = n.dir
 	if out, err := cmd.CombinedOutput(); err != nil {
-		n.c.t.Fatalf("cluster: start %s (rabbitmq-server -detached): %v: %s", n.Name, err, out)
+		t.Fatalf("cluster: start %s (rabbitmq-server -detached): %v: %s", n.Name, err, out)
 	}
 }
 
 // awaitUp waits for the node's AMQP listener, which opens last in boot.
-func (n *Node) awaitUp() {
-	n.c.t.Helper()
+func (n *Node) awaitUp(t testing.TB) {
+	t.Helper()
 	deadline := time.Now().Add(2 * time.Minute)
 	for {
 		conn, err := amqp.DialConfig(n.URL(), amqp.Config{Dial: amqp.DefaultDial(2 * time.Second)})
@@ -109,7 +112,7 @@ func (n *Node) awaitUp() {
 			return
 		}
 		if time.Now().After(deadline) {
-			n.c.t.Fatalf("cluster: %s did not answer within 2 minutes: %v", n.Name, err)
+			t.Fatalf("cluster: %s did not answer within 2 minutes: %v", n.Name, err)
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
@@ -117,27 +120,27 @@ func (n *Node) awaitUp() {
 
 // Kill ends the node at once (SIGKILL), as a crash or a lost machine
 // would: its clients' connections are reset, nothing is handed over.
-func (n *Node) Kill() { n.signal(syscall.SIGKILL) }
+func (n *Node) Kill(t testing.TB) { n.signal(t, syscall.SIGKILL) }
 
 // Stop stops the node gracefully (SIGTERM, as a service manager does for
 // a restart): it closes its client connections and leaves the cluster's
 // quorum queues in order.
-func (n *Node) Stop() { n.signal(syscall.SIGTERM) }
+func (n *Node) Stop(t testing.TB) { n.signal(t, syscall.SIGTERM) }
 
-func (n *Node) signal(sig syscall.Signal) {
-	n.c.t.Helper()
+func (n *Node) signal(t testing.TB, sig syscall.Signal) {
+	t.Helper()
 	pid := n.pid()
 	if pid == 0 {
-		n.c.t.Fatalf("cluster: %s is not running", n.Name)
+		t.Fatalf("cluster: %s is not running", n.Name)
 	}
 	if err := syscall.Kill(pid, sig); err != nil {
-		n.c.t.Fatalf("cluster: signal %s: %v", n.Name, err)
+		t.Fatalf("cluster: signal %s: %v", n.Name, err)
 	}
 	deadline := time.Now().Add(time.Minute)
 	for alive(pid) {
 		if time.Now().After(deadline) {
 			_ = syscall.Kill(pid, syscall.SIGKILL)
-			n.c.t.Fatalf("cluster: %s did not stop within a minute of %v", n.Name, sig)
+			t.Fatalf("cluster: %s did not stop within a minute of %v", n.Name, sig)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
@@ -175,18 +178,25 @@ func (n *Node) logTail(lines int) string {
 // Drain puts the node in maintenance mode before a planned stop, as
 // `rabbitmq-upgrade drain` does for an upgrade: it hands the leadership
 // of its quorum queues to other nodes and closes its client connections.
-func (n *Node) Drain() {
-	n.c.t.Helper()
-	if _, err := n.cli("rabbitmq-upgrade", "drain"); err != nil {
-		n.c.t.Fatalf("cluster: %v", err)
+// A drain that fails (it did, now and then, with many queues to hand
+// over on a busy machine) is tried again, twice.
+func (n *Node) Drain(t testing.TB) {
+	t.Helper()
+	var err error
+	for range 3 {
+		if _, err = n.cli("rabbitmq-upgrade", "drain"); err == nil {
+			return
+		}
+		t.Logf("cluster: %v; trying again", err)
 	}
+	t.Fatalf("cluster: %v", err)
 }
 
 // Revive takes the node out of maintenance mode.
-func (n *Node) Revive() {
-	n.c.t.Helper()
+func (n *Node) Revive(t testing.TB) {
+	t.Helper()
 	if _, err := n.cli("rabbitmq-upgrade", "revive"); err != nil {
-		n.c.t.Fatalf("cluster: %v", err)
+		t.Fatalf("cluster: %v", err)
 	}
 }
 
@@ -200,7 +210,8 @@ func (n *Node) cli(tool string, args ...string) ([]byte, error) {
 	cmd := exec.CommandContext(ctx, tool, append([]string{"-q", "-n", n.Name}, args...)...)
 	out, err := cmd.Output()
 	if err != nil {
-		return out, fmt.Errorf("%s -n %s %s: %w: %s", tool, n.Name, strings.Join(args, " "), err, stderr(err))
+		return out, fmt.Errorf("%s -n %s %s: %w: %s %s", tool, n.Name, strings.Join(args, " "), err,
+			strings.TrimSpace(string(out)), stderr(err))
 	}
 	return out, nil
 }
