@@ -460,7 +460,7 @@ type recorder struct {
 	status func(n int) int
 	mu     sync.Mutex
 	seen   map[int]int
-	redel  int
+	redel  map[int]bool // the broker marked one of its deliveries redelivered
 	log    []delivery
 }
 
@@ -470,7 +470,7 @@ type delivery struct {
 }
 
 func newRecorder(t *testing.T, status func(n int) int) *recorder {
-	r := &recorder{status: status, seen: map[int]int{}}
+	r := &recorder{status: status, seen: map[int]int{}, redel: map[int]bool{}}
 	r.Server = httptest.NewServer(http.HandlerFunc(r.serve))
 	t.Cleanup(r.Close)
 	return r
@@ -486,8 +486,8 @@ func (r *recorder) serve(w http.ResponseWriter, req *http.Request) {
 	}
 	r.mu.Lock()
 	r.seen[id]++
-	if r.seen[id] > 1 && req.Header.Get("X-Amqp-Redelivered") == "true" {
-		r.redel++
+	if req.Header.Get("X-Amqp-Redelivered") == "true" {
+		r.redel[id] = true
 	}
 	r.log = append(r.log, delivery{gw, time.Now()})
 	calls := len(r.log)
@@ -512,11 +512,20 @@ func (r *recorder) total() int {
 }
 
 // duplicates counts deliveries beyond the first of each message, and how
-// many of those the broker marked as redelivered.
+// many of those are of messages the broker delivered again (one of their
+// deliveries is marked redelivered; the others are copies the publisher
+// sent twice). The flag is read per message, not per delivery: a
+// redelivery can reach the backend before the dispatch it repeats.
 func (r *recorder) duplicates() (dups, redelivered int) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return len(r.log) - len(r.seen), r.redel
+	for id, n := range r.seen {
+		dups += n - 1
+		if r.redel[id] {
+			redelivered += n - 1
+		}
+	}
+	return dups, redelivered
 }
 
 func (r *recorder) missing(n int) []int {
