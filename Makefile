@@ -135,7 +135,7 @@ CLUSTER_TEST_FLAGS ?= -count=1 -timeout 20m
 ## broker at AMQP_URL), three gateways on a quorum queue, a leader node
 ## killed, a rolling restart, a node cut off, throughput with 1-3
 ## gateways. Needs rabbitmq-server and rabbitmqctl; as root, a rabbitmq
-## user. About two minutes. See CONTRIBUTING.md.
+## user. About four minutes on 2 cores. See CONTRIBUTING.md.
 cluster-test:
 	GOWORK=off $(GO) test $(CLUSTER_TEST_FLAGS) -tags cluster -v ./internal/clustertest
 	GOWORK=off $(GO) test $(CLUSTER_TEST_FLAGS) -tags 'integration cluster' -run '^TestCluster$$' -v .
