@@ -138,6 +138,7 @@ func brokerCancelsConsumers(t *testing.T, c *clustertest.Cluster) {
 // the dead-letter queue are quorum queues, and a failing message goes
 // through them to the dead-letter queue.
 func failureQueuesAreQuorum(t *testing.T, c *clustertest.Cluster) {
+	c.Heal(t)
 	queue := brokertest.Name(t, "q")
 	dead := queue + ".dead"
 	rec := newRecorder(t, func(int) int { return http.StatusInternalServerError })
@@ -270,8 +271,10 @@ type clusterFlow struct {
 	pub     *clustertest.Publisher
 }
 
-// newClusterFlow declares the queue and starts k gateways.
+// newClusterFlow declares the queue and starts k gateways, on a whole
+// cluster.
 func newClusterFlow(t *testing.T, c *clustertest.Cluster, k int) *clusterFlow {
+	c.Heal(t)
 	f := &clusterFlow{t: t, c: c, queue: brokertest.Name(t, "q")}
 	f.rec = newRecorder(t, nil)
 	f.declare()

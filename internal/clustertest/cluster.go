@@ -143,6 +143,20 @@ func (c *Cluster) destroy() {
 	}
 }
 
+// Heal starts every node that is down and lets every proxy through, so
+// that a scenario begins on a whole cluster even after one before it
+// failed half-way.
+func (c *Cluster) Heal(t testing.TB) {
+	t.Helper()
+	for _, n := range c.Nodes {
+		n.Proxy.Resume()
+		if !n.Running() {
+			t.Logf("cluster: %s is down: starting it", n.Name)
+			n.Start(t)
+		}
+	}
+}
+
 // Up returns the nodes that run now, in order.
 func (c *Cluster) Up() []*Node {
 	var up []*Node
