@@ -1,7 +1,7 @@
 # Build and test targets. Needs only Go and a C compiler (for -race).
 # `make test` also needs a RabbitMQ at AMQP_URL and rabbitmqctl on PATH:
 # see CONTRIBUTING.md, "Running the tests". CI runs .ci/run, which starts one and then
-# runs `make test` and `make demo`.
+# runs `make test`, `make cluster-test` and `make demo`.
 #
 # The repository holds several Go modules: the library (the root, the only
 # one a KrakenD build pulls in) and the tool modules below, tied together
@@ -57,6 +57,7 @@ fmt:
 vet:
 	GOWORK=off $(GO) vet ./...
 	GOWORK=off $(GO) vet -tags integration ./...
+	GOWORK=off $(GO) vet -tags integration,cluster ./...
 	@set -e; for m in $(TOOL_MODULES); do \
 		echo "(cd $$m && $(GO) vet ./... && $(GO) vet -tags integration ./...)"; \
 		(cd $$m && $(GO) vet ./... && $(GO) vet -tags integration ./...); \
@@ -121,6 +122,23 @@ BENCH_FLAGS ?=
 ## appends them to $(BENCH_OUT). See bench/main.go. Takes several minutes.
 bench:
 	$(GO) run ./bench -out $(BENCH_OUT) $(BENCH_FLAGS)
+
+# Flags for `make cluster-test`. No -race by default: the tests report
+# throughput, and the race detector's cost would land on the cores the
+# nodes need; CLUSTER_TEST_FLAGS='-race -count=1 -timeout 20m' adds it.
+CLUSTER_TEST_FLAGS ?= -count=1 -timeout 20m
+
+.PHONY: cluster-test
+
+## cluster-test: the cluster tests (build tags integration and cluster):
+## three RabbitMQ nodes of their own on free loopback ports (never the
+## broker at AMQP_URL), three gateways on a quorum queue, a leader node
+## killed, a rolling restart, a node cut off, throughput with 1-3
+## gateways. Needs rabbitmq-server and rabbitmqctl; as root, a rabbitmq
+## user. About four minutes on 2 cores. See CONTRIBUTING.md.
+cluster-test:
+	GOWORK=off $(GO) test $(CLUSTER_TEST_FLAGS) -tags cluster -v ./internal/clustertest
+	GOWORK=off $(GO) test $(CLUSTER_TEST_FLAGS) -tags 'integration cluster' -run '^TestCluster$$' -v .
 
 # Soak settings, e.g. make soak SOAK_MESSAGES=20000 SOAK_RATE=500.
 SOAK_MESSAGES ?= 100000

@@ -112,6 +112,36 @@ func warnings(cfg config.Config) []string {
 			"(an auto-delete queue once its last consumer leaves, an exclusive one with its connection); "+
 			"use a durable, shared queue, or nack_discard")
 	}
+	return append(out, rabbitMQ4Warnings(cfg)...)
+}
+
+// rabbitMQ4Warnings flag settings that work on the RabbitMQ 3.x this
+// driver is tested on but that RabbitMQ 4 refuses or treats otherwise,
+// so that an upgrade of the broker does not stop the agent by surprise.
+func rabbitMQ4Warnings(cfg config.Config) []string {
+	var out []string
+	if cfg.Topology == config.TopologyDeclare {
+		if !cfg.Durable && !cfg.Exclusive {
+			out = append(out, "durable false and exclusive false (the defaults) declare a transient, non-exclusive queue, "+
+				"as are the driver's retry queues then: RabbitMQ 4.3 and newer refuse to declare such queues (error 541) "+
+				"and the agent cannot start; set durable to true")
+		}
+		if mode, ok := cfg.QueueArgs["x-queue-mode"]; ok {
+			out = append(out, fmt.Sprintf("queue_args.x-queue-mode %v: RabbitMQ 4.3 and newer reject this argument "+
+				"(every classic queue stores its messages on disk the lazy way since 3.12); remove it", mode))
+		}
+		if v, ok := cfg.QueueArgs["x-queue-version"]; ok && fmt.Sprint(v) == "1" {
+			out = append(out, "queue_args.x-queue-version 1: RabbitMQ 4.3 and newer reject version 1 of the classic queue; "+
+				"remove it (version 2 is the default since 3.12)")
+		}
+	}
+	if _, limited := cfg.QueueArgs["x-delivery-limit"]; cfg.QueueArgs["x-queue-type"] == "quorum" && !limited {
+		out = append(out, "a quorum queue without queue_args.x-delivery-limit: RabbitMQ 4.0 and newer give it a limit of 20 "+
+			"(3.x has none), so a message that goes back to the queue 20 times (handed back at shutdown, returned by a lost "+
+			"connection) is then dropped, or dead-lettered to the queue's dead-letter exchange, the one nack_discard and "+
+			"dead_letter.broker send failures to; the driver's own retries are new copies and do not count; "+
+			"set x-delivery-limit to the bound you want on every version")
+	}
 	return out
 }
 

@@ -616,8 +616,25 @@ func TestWarnings(t *testing.T) {
 		{map[string]interface{}{"delete": true, "nack_discard": true}, nil},
 		{map[string]interface{}{"delete": true, "auto_ack": true}, nil},
 		{map[string]interface{}{"tls": map[string]interface{}{"insecure_skip_verify": true}, "host": "amqps://u:p@h/"}, []string{"insecure_skip_verify"}},
+		// RabbitMQ 4 readiness.
+		{map[string]interface{}{"durable": nil}, []string{`agent "w": durable false and exclusive false`}},
+		{map[string]interface{}{"durable": false, "topology": "passive"}, nil},
+		{map[string]interface{}{"durable": false, "exclusive": true, "auto_ack": true}, nil},
+		{map[string]interface{}{"queue_args": map[string]interface{}{"x-queue-mode": "lazy"}}, []string{"x-queue-mode lazy: RabbitMQ 4.3"}},
+		{map[string]interface{}{"queue_args": map[string]interface{}{"x-queue-version": 1}}, []string{"x-queue-version 1: RabbitMQ 4.3"}},
+		{map[string]interface{}{"queue_args": map[string]interface{}{"x-queue-version": 2}}, nil},
+		{map[string]interface{}{"queue_args": map[string]interface{}{"x-queue-type": "quorum"}}, []string{"x-delivery-limit: RabbitMQ 4.0 and newer give it a limit of 20"}},
+		{map[string]interface{}{"queue_args": map[string]interface{}{"x-queue-type": "quorum", "x-delivery-limit": 50}}, nil},
 	} {
-		got := asyncamqp.Warnings(unitAgent("w", luraconfig.ExtraConfig{asyncamqp.Namespace: unitBlock(tc.over)}))
+		block := unitBlock(map[string]interface{}{"durable": true})
+		for k, v := range tc.over {
+			if v == nil {
+				delete(block, k)
+				continue
+			}
+			block[k] = v
+		}
+		got := asyncamqp.Warnings(unitAgent("w", luraconfig.ExtraConfig{asyncamqp.Namespace: block}))
 		if len(got) != len(tc.want) {
 			t.Errorf("%v: warnings %q, want %d", tc.over, got, len(tc.want))
 			continue
@@ -666,7 +683,7 @@ func ExampleWarnings() {
 		ExtraConfig: luraconfig.ExtraConfig{
 			asyncamqp.Namespace: map[string]interface{}{
 				"host": "amqp://guest:guest@localhost:5672/", "name": "orders-queue", "exchange": "orders",
-				"delete": true,
+				"durable": true, "delete": true,
 			},
 		},
 	}

@@ -202,7 +202,7 @@ func setUp(d dialed, s Settings) (*Session, error) {
 	if err := declare(ch, s.Topology); err != nil {
 		return nil, err
 	}
-	if err := declareFailurePaths(ch, s); err != nil {
+	if err := declareFailurePaths(conn, ch, s); err != nil {
 		return nil, err
 	}
 	if err := ch.Qos(s.PrefetchCount, s.PrefetchSize, false); err != nil {
@@ -271,15 +271,15 @@ func checkExists(ch *amqp.Channel, t Topology) error {
 // declareFailurePaths declares the retry queues, whose TTL sends each
 // message back to the work queue through the default exchange, and the
 // dead-letter queue, or checks that the dead-letter exchange exists.
-func declareFailurePaths(ch *amqp.Channel, s Settings) error {
+func declareFailurePaths(conn *amqp.Connection, ch *amqp.Channel, s Settings) error {
 	for _, d := range s.RetryDelays {
 		if err := declareRetryQueue(ch, s, d); err != nil {
 			return err
 		}
 	}
 	if s.DeadLetterQueue != "" {
-		if _, err := ch.QueueDeclare(s.DeadLetterQueue, true, false, false, false, nil); err != nil {
-			return fmt.Errorf("declare dead-letter queue %q: %w", s.DeadLetterQueue, err)
+		if err := declareDeadLetterQueue(conn, s); err != nil {
+			return err
 		}
 	}
 	if s.DeadLetterExchange != "" {
@@ -306,6 +306,53 @@ func declareRetryQueue(ch *amqp.Channel, s Settings, d time.Duration) error {
 		return fmt.Errorf("declare retry queue %q (ttl %s, back to %q): %w", name, d, s.Queue, err)
 	}
 	return nil
+}
+
+// declareDeadLetterQueue declares the dead-letter queue durable, and a
+// quorum queue when the work queue is one, so that dead letters survive
+// a node's loss as the work does. One that exists already as a classic
+// queue (declared by an earlier version) is kept as it is: the broker
+// refuses the quorum declaration (406), which closes the channel, so it
+// runs on a channel of its own and the queue is then only checked.
+func declareDeadLetterQueue(conn *amqp.Connection, s Settings) error {
+	const durable, autoDelete, exclusive, noWait = true, false, false, false
+	name, args := s.DeadLetterQueue, deadLetterQueueArgs(s)
+	err := onOwnChannel(conn, func(ch *amqp.Channel) error {
+		_, err := ch.QueueDeclare(name, durable, autoDelete, exclusive, noWait, args)
+		return err
+	})
+	if args != nil && isCode(err, amqp.PreconditionFailed) {
+		err = onOwnChannel(conn, func(ch *amqp.Channel) error {
+			_, err := ch.QueueDeclarePassive(name, durable, autoDelete, exclusive, noWait, nil)
+			return err
+		})
+	}
+	if err != nil {
+		return fmt.Errorf("declare dead-letter queue %q: %w", name, err)
+	}
+	return nil
+}
+
+// deadLetterQueueArgs follow the work queue's type: nil (classic) unless
+// it is a quorum queue.
+func deadLetterQueueArgs(s Settings) amqp.Table {
+	if s.QueueArgs["x-queue-type"] == "quorum" {
+		return amqp.Table{"x-queue-type": "quorum"}
+	}
+	return nil
+}
+
+// onOwnChannel runs f on a channel opened for it, and closes it.
+func onOwnChannel(conn *amqp.Connection, f func(*amqp.Channel) error) error {
+	ch, err := conn.Channel()
+	if err != nil {
+		return fmt.Errorf("open channel: %w", err)
+	}
+	err = f(ch)
+	if cerr := ch.Close(); err == nil && !errors.Is(cerr, amqp.ErrClosed) {
+		err = cerr
+	}
+	return err
 }
 
 // retryQueueArgs are the arguments of a retry queue. The way back from a

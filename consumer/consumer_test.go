@@ -67,3 +67,23 @@ func TestOpenWithNoURLIsAnError(t *testing.T) {
 		t.Errorf("Open with no URL: %v", err)
 	}
 }
+
+// TestFailureQueuesFollowTheWorkQueueType: with a quorum work queue, the
+// retry and dead-letter queues are quorum queues too, so that they
+// survive the loss of a cluster node as the work queue does.
+func TestFailureQueuesFollowTheWorkQueueType(t *testing.T) {
+	quorum := Settings{Topology: Topology{Queue: "q", QueueArgs: amqp.Table{"x-queue-type": "quorum"}}}
+	if got := deadLetterQueueArgs(quorum)["x-queue-type"]; got != "quorum" {
+		t.Errorf("dead-letter queue of a quorum queue: x-queue-type %v, want quorum", got)
+	}
+	if got := retryQueueArgs(quorum, time.Second)["x-queue-type"]; got != "quorum" {
+		t.Errorf("retry queue of a quorum queue: x-queue-type %v, want quorum", got)
+	}
+	classic := Settings{Topology: Topology{Queue: "q"}}
+	if args := deadLetterQueueArgs(classic); args != nil {
+		t.Errorf("dead-letter queue of a classic queue: arguments %v, want none", args)
+	}
+	if _, ok := retryQueueArgs(classic, time.Second)["x-queue-type"]; ok {
+		t.Error("retry queue of a classic queue has an x-queue-type")
+	}
+}

@@ -88,7 +88,7 @@ func agent(name, key string, block map[string]interface{}) map[string]interface{
 }
 
 func validBlock() map[string]interface{} {
-	return map[string]interface{}{"host": "amqp://guest:secret@localhost:5672/", "name": "q", "exchange": "x"}
+	return map[string]interface{}{"host": "amqp://guest:secret@localhost:5672/", "name": "q", "exchange": "x", "durable": true}
 }
 
 func writeConfig(t *testing.T, doc map[string]interface{}) string {
