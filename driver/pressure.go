@@ -6,26 +6,25 @@ import (
 	"time"
 )
 
-// Back-pressure: when the backend answers 429 or 503, or times out, the
-// whole agent slows down, by two means.
-//
-// Push-backs slow the agent only while they are at least a tenth of the
-// answers of the last second: a few stray 503s are no overload.
+// Back-pressure: when the backend answers 429 or 503, or times out (a
+// push-back), the whole agent slows down, by two means.
 //
 //   - An AIMD limit on dispatches in flight, between 1 and the workers:
 //     halved on a push-back (at most once per pressureCooldown) and grown
 //     by 1/limit on every other answer, as TCP grows its window. It
 //     protects a backend that slows down under load.
-//   - A pace: on a push-back the agent starts no more dispatches a second
-//     than 0.9 times what the backend took over the last second (at least
-//     minPace), then raises the pace by a fiftieth (at least a tenth of
-//     minPace) every 100 ms while the backend keeps up. It protects a backend that rejects fast (a rate
-//     limit), which the limit alone cannot: one dispatch in flight may
-//     still be thousands a second. The pace is lifted after
-//     releaseAfter without a push-back.
+//   - A pace, from the second cut of an episode: no more dispatches a
+//     second than paceCut times what the backend took over the last
+//     second (at least minPace), raised by a fiftieth (at least a tenth of
+//     minPace) every 100 ms while the backend keeps up, and lifted after
+//     releaseAfter without a push-back. It protects a backend that
+//     rejects fast (a rate limit), which the limit alone cannot: one
+//     dispatch in flight may still be thousands a second.
 //
-// A healthy backend meets neither: the limit stays at the workers and
-// nothing is paced.
+// Push-backs count only while they are at least minPushedShare of the
+// answers of the last second: a few stray 503s are no overload. A
+// healthy backend meets neither means: the limit stays at the workers
+// and nothing is paced.
 const (
 	pressureCooldown = 200 * time.Millisecond
 	minPushedShare   = 0.1
