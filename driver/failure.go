@@ -100,17 +100,19 @@ func (a *Agent) decide(m *message, r result) decision {
 		return decision{outcome: OutcomeRetried, attempt: attempt, throttles: throttles,
 			delay: retry.DelayFor(math.MaxInt), exhausted: true}
 	}
-	d := decision{outcome: OutcomeRetried, attempt: attempt, throttles: throttles, delay: retry.DelayFor(attempt)}
-	if r.throttled() {
-		// Backing off an overload: the wait grows with every throttle,
-		// counted or not.
-		d.delay = retry.DelayFor(m.failed + throttles)
-	}
+	d := decision{outcome: OutcomeRetried, attempt: attempt, throttles: throttles}
 	if !counted {
 		d.attempt = attempt - 1
 	}
-	if r.retryAfter > 0 {
+	switch {
+	case r.retryAfter > 0:
 		d.delay = retry.AtLeast(r.retryAfter)
+	case r.throttled():
+		// Backing off an overload: the wait grows with every throttle,
+		// counted or not.
+		d.delay = retry.DelayFor(m.failed + throttles)
+	default:
+		d.delay = retry.DelayFor(attempt)
 	}
 	return d
 }

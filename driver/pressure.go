@@ -113,6 +113,8 @@ func (p *pressure) admit(now time.Time) time.Duration {
 	return 0
 }
 
+// sleepOrWake waits d, or until wake closes (a nil wake never does); it
+// returns ctx's error if ctx ends first.
 func sleepOrWake(ctx context.Context, wake <-chan struct{}, d time.Duration) error {
 	t := time.NewTimer(d)
 	defer t.Stop()

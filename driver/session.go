@@ -170,13 +170,5 @@ func after(urls []string, i int) []string {
 	return append(append([]string(nil), urls[i:]...), urls[:i]...)
 }
 
-func sleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
-	}
-}
+// sleep waits d, or until ctx ends; it tells whether d passed.
+func sleep(ctx context.Context, d time.Duration) bool { return sleepOrWake(ctx, nil, d) == nil }
