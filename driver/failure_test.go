@@ -1,6 +1,7 @@
 package driver
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -113,6 +114,40 @@ func TestReadBelievesOnlyTheAgentsRetryQueues(t *testing.T) {
 				t.Errorf("attempt %d out of 1..6", m.attempt())
 			}
 		})
+	}
+}
+
+// The throttle count is read as the attempt count is: clamped, an
+// ill-typed value read as 0, both logged at DEBUG; its absence is normal.
+func TestReadThrottleCount(t *testing.T) {
+	logs := &bytes.Buffer{}
+	a := panicAgent(t, logs, Options{})
+	retryQueue := consumer.RetryQueue("work", a.opts.Session.RetryDelays[0])
+	for _, tc := range []struct {
+		value interface{}
+		want  int
+		log   string
+	}{
+		{int32(7), 7, ""},
+		{int64(-3), 0, "x-krakend-throttles -3 clamped to 0"},
+		{int64(5_000_000), maxThrottles, "x-krakend-throttles 5000000 clamped to 1000000"},
+		{"9", 0, "x-krakend-throttles is missing or not an integer"},
+		{nil, 0, "x-krakend-throttles is missing or not an integer"},
+	} {
+		logs.Reset()
+		h := amqp.Table{HeaderAttempts: int64(1), HeaderThrottles: tc.value}
+		m := a.msg(expiredFrom(&amqp.Delivery{MessageId: "m", Headers: h}, retryQueue))
+		if m.throttles != tc.want {
+			t.Errorf("%#v: throttles %d, want %d", tc.value, m.throttles, tc.want)
+		}
+		if got := logs.String(); tc.log == "" && strings.Contains(got, HeaderThrottles) || !strings.Contains(got, tc.log) {
+			t.Errorf("%#v: log %q, want %q", tc.value, got, tc.log)
+		}
+	}
+	logs.Reset()
+	a.msg(expiredFrom(&amqp.Delivery{Headers: amqp.Table{HeaderAttempts: int64(1)}}, retryQueue))
+	if strings.Contains(logs.String(), HeaderThrottles) {
+		t.Errorf("no throttle count logged %q: its absence is normal", logs.String())
 	}
 }
 

@@ -54,17 +54,8 @@ func (a *Agent) read(m *message) {
 	if !m.retried {
 		return
 	}
-	if n, ok := integer(d.Headers[HeaderAttempts]); ok {
-		m.failed = int(min(max(n, 0), int64(a.opts.Retry.MaxAttempts-1)))
-		if int64(m.failed) != n {
-			a.log.Debug(fmt.Sprintf("message %q: %s %d clamped to %d", shortID(d), HeaderAttempts, n, m.failed))
-		}
-	} else {
-		a.log.Debug(fmt.Sprintf("message %q: %s is missing or not an integer: counted as 0", shortID(d), HeaderAttempts))
-	}
-	if n, ok := integer(d.Headers[HeaderThrottles]); ok {
-		m.throttles = int(min(max(n, 0), maxThrottles))
-	}
+	m.failed = a.readCount(d, HeaderAttempts, int64(a.opts.Retry.MaxAttempts-1), true)
+	m.throttles = a.readCount(d, HeaderThrottles, maxThrottles, false)
 	exchange, okExchange := name(d.Headers[HeaderOriginalExchange])
 	key, okKey := name(d.Headers[HeaderOriginalRoutingKey])
 	if okExchange && okKey {
@@ -73,6 +64,25 @@ func (a *Agent) read(m *message) {
 		a.log.Debug(fmt.Sprintf("message %q: %s or %s missing or invalid: the retry queue's exchange and key are used",
 			shortID(d), HeaderOriginalExchange, HeaderOriginalRoutingKey))
 	}
+}
+
+// readCount reads a count the driver wrote in a header, clamped to
+// [0, most]. A value out of range, of another type or, when required,
+// missing is logged at DEBUG and read clamped, or as 0.
+func (a *Agent) readCount(d *amqp.Delivery, header string, most int64, required bool) int {
+	v, present := d.Headers[header]
+	n, ok := integer(v)
+	if !ok {
+		if present || required {
+			a.log.Debug(fmt.Sprintf("message %q: %s is missing or not an integer: counted as 0", shortID(d), header))
+		}
+		return 0
+	}
+	count := min(max(n, 0), most)
+	if count != n {
+		a.log.Debug(fmt.Sprintf("message %q: %s %d clamped to %d", shortID(d), header, n, count))
+	}
+	return int(count)
 }
 
 // fromRetryQueue tells whether the broker dead-lettered the delivery back
