@@ -25,11 +25,12 @@ import (
 	"github.com/krakend-contrib/async-amqp/internal/brokertest"
 )
 
-// received is one request as the backend saw it.
+// received is one request as the backend saw it, and when.
 type received struct {
 	Method, Path, Query string
 	Header              http.Header
 	Body                []byte
+	At                  time.Time
 }
 
 // backend is an httptest server that records requests and answers with
@@ -41,7 +42,10 @@ type backend struct {
 	inFlight atomic.Int64
 	maxIn    atomic.Int64
 	status   func(n int, r received) int // n counts requests from 1
-	delay    time.Duration
+	// respond, when set, answers in place of status and may set
+	// response headers.
+	respond func(w http.ResponseWriter, r received) int
+	delay   time.Duration
 }
 
 func newBackend(t *testing.T, status func(n int, r received) int) *backend {
@@ -64,7 +68,7 @@ func (b *backend) serve(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	body, _ := io.ReadAll(r.Body)
-	rec := received{Method: r.Method, Path: r.URL.EscapedPath(), Query: r.URL.RawQuery, Header: r.Header.Clone(), Body: body}
+	rec := received{Method: r.Method, Path: r.URL.EscapedPath(), Query: r.URL.RawQuery, Header: r.Header.Clone(), Body: body, At: time.Now()}
 	b.mu.Lock()
 	b.got = append(b.got, rec)
 	count := len(b.got)
@@ -72,8 +76,14 @@ func (b *backend) serve(w http.ResponseWriter, r *http.Request) {
 	if b.delay > 0 {
 		time.Sleep(b.delay)
 	}
+	status := 0
+	if b.respond != nil {
+		status = b.respond(w, rec)
+	} else {
+		status = b.status(count, rec)
+	}
 	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(b.status(count, rec))
+	w.WriteHeader(status)
 	_, _ = w.Write([]byte(`{"ok":true}`))
 }
 

@@ -4,10 +4,8 @@ package asyncamqp_test
 
 import (
 	"fmt"
-	"io"
 	"math/rand/v2"
 	"net/http"
-	"net/http/httptest"
 	"strconv"
 	"strings"
 	"sync"
@@ -69,61 +67,20 @@ func TestIdempotencyKeyIsStableAcrossRetries(t *testing.T) {
 	}
 }
 
-// scripted is a backend whose handler the test writes, recording when
-// each request arrived.
-type scripted struct {
-	*httptest.Server
-	mu  sync.Mutex
-	got []arrival
-}
-
-type arrival struct {
-	at            time.Time
-	id, key, body string
-	status        int
-}
-
-func newScripted(t *testing.T, answer func(w http.ResponseWriter, r *http.Request, body []byte) int) *scripted {
-	s := &scripted{}
-	s.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		body, _ := io.ReadAll(r.Body)
-		status := answer(w, r, body)
-		s.mu.Lock()
-		s.got = append(s.got, arrival{time.Now(), r.Header.Get("X-Amqp-Message-Id"), r.Header.Get("X-Amqp-Header-Order"), string(body), status})
-		s.mu.Unlock()
-		w.Header().Set("Content-Type", "application/json")
-		w.WriteHeader(status)
-		_, _ = w.Write([]byte(`{"ok":true}`))
-	}))
-	t.Cleanup(s.Close)
-	return s
-}
-
-func (s *scripted) arrivals() []arrival {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return append([]arrival(nil), s.got...)
-}
-
-func (s *scripted) count() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return len(s.got)
-}
-
 // A 429 with Retry-After: 3 on one message: its next attempt comes no
 // sooner than 3 s later, through the retry queue that is at least that
 // long, and the other messages are not held behind it.
 func TestRetryAfterIsHonouredWithoutDelayingOthers(t *testing.T) {
 	f := newFixture(t)
 	var first atomic.Bool
-	be := newScripted(t, func(w http.ResponseWriter, r *http.Request, _ []byte) int {
+	be := newBackend(t, nil)
+	be.respond = func(w http.ResponseWriter, r received) int {
 		if r.Header.Get("X-Amqp-Message-Id") == "0" && first.CompareAndSwap(false, true) {
 			w.Header().Set("Retry-After", "3")
 			return http.StatusTooManyRequests
 		}
 		return http.StatusOK
-	})
+	}
 	retry := map[string]interface{}{"max_attempts": 3, "delay": "100ms", "max_delay": "5s", "multiplier": 2}
 	gw := startAgents(t, agentSpec{Name: "after", Topic: "k", Workers: 4, Backend: be.URL, Encoding: "no-op",
 		Block: block(f.queue, f.exchange, map[string]interface{}{"retry": retry})})
@@ -133,14 +90,14 @@ func TestRetryAfterIsHonouredWithoutDelayingOthers(t *testing.T) {
 	brokertest.Eventually(t, 30*time.Second, "51 dispatches", func() bool { return be.count() >= n+1 })
 	f.waitEmpty(t)
 
-	got := be.arrivals()
+	got := be.requests()
 	var tries []time.Time
 	lastOther := time.Time{}
-	for _, a := range got {
-		if a.id == "0" {
-			tries = append(tries, a.at)
-		} else if a.at.After(lastOther) {
-			lastOther = a.at
+	for _, r := range got {
+		if r.Header.Get("X-Amqp-Message-Id") == "0" {
+			tries = append(tries, r.At)
+		} else if r.At.After(lastOther) {
+			lastOther = r.At
 		}
 	}
 	if len(tries) != 2 || len(got) != n+1 {
@@ -169,12 +126,12 @@ func TestOverloadedBackendIsNotHammered(t *testing.T) {
 	limiter := rate.NewLimiter(perSecond, perSecond/10)
 	var okMu sync.Mutex
 	handled := map[string]int{}
-	be := newScripted(t, func(_ http.ResponseWriter, r *http.Request, body []byte) int {
+	be := newBackend(t, func(_ int, r received) int {
 		if !limiter.Allow() {
 			return http.StatusTooManyRequests
 		}
 		okMu.Lock()
-		handled[string(body)]++
+		handled[string(r.Body)]++
 		okMu.Unlock()
 		return http.StatusOK
 	})
@@ -199,10 +156,10 @@ func TestOverloadedBackendIsNotHammered(t *testing.T) {
 			t.Errorf("message %s handled %d times", body, times)
 		}
 	}
-	got := be.arrivals()
+	got := be.requests()
 	bySecond := map[int]int{}
-	for _, a := range got {
-		bySecond[int(a.at.Sub(got[0].at)/time.Second)]++
+	for _, r := range got {
+		bySecond[int(r.At.Sub(got[0].At)/time.Second)]++
 	}
 	t.Logf("%d attempts for %d messages (backend takes %d/s); attempts per second: %v", len(got), n, perSecond, bySecond)
 	// Without back-pressure the 429s alone outnumber the messages
@@ -223,7 +180,7 @@ func TestOrderingKeyKeepsPublishOrderPerKey(t *testing.T) {
 		busy    = map[string]bool{}
 		overlap int
 	)
-	be := newScripted(t, func(_ http.ResponseWriter, r *http.Request, _ []byte) int {
+	be := newBackend(t, func(_ int, r received) int {
 		key := r.Header.Get("X-Amqp-Header-Order")
 		mu.Lock()
 		if busy[key] {
@@ -245,12 +202,13 @@ func TestOrderingKeyKeepsPublishOrderPerKey(t *testing.T) {
 	f.waitEmpty(t)
 
 	last := map[string]int{}
-	for _, a := range be.arrivals() {
-		seq, _ := strconv.Atoi(a.id)
-		if prev, ok := last[a.key]; ok && seq < prev {
-			t.Errorf("key %s: message %d reached the backend after %d", a.key, seq, prev)
+	for _, r := range be.requests() {
+		seq, _ := strconv.Atoi(r.Header.Get("X-Amqp-Message-Id"))
+		key := r.Header.Get("X-Amqp-Header-Order")
+		if prev, ok := last[key]; ok && seq < prev {
+			t.Errorf("key %s: message %d reached the backend after %d", key, seq, prev)
 		}
-		last[a.key] = seq
+		last[key] = seq
 	}
 	if len(last) != keys || be.count() != keys*perKey {
 		t.Errorf("%d keys and %d dispatches, want %d and %d", len(last), be.count(), keys, keys*perKey)
