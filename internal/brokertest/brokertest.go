@@ -208,10 +208,16 @@ func Rabbitmqctl(t testing.TB, args ...string) [][]string {
 	if err != nil {
 		t.Fatalf("rabbitmqctl %v: %v: %s", args, err, out)
 	}
+	return Rows(out)
+}
+
+// Rows splits the output of a rabbitmqctl listing into rows of
+// tab-separated fields, skipping blank lines.
+func Rows(out []byte) [][]string {
 	var rows [][]string
 	for _, line := range strings.Split(string(out), "\n") {
-		if f := strings.Split(line, "\t"); strings.TrimSpace(line) != "" {
-			rows = append(rows, f)
+		if strings.TrimSpace(line) != "" {
+			rows = append(rows, strings.Split(line, "\t"))
 		}
 	}
 	return rows

@@ -230,11 +230,5 @@ func (n *Node) Rows(args ...string) ([][]string, error) {
 	if err != nil {
 		return nil, err
 	}
-	var rows [][]string
-	for _, line := range strings.Split(string(out), "\n") {
-		if strings.TrimSpace(line) != "" {
-			rows = append(rows, strings.Split(line, "\t"))
-		}
-	}
-	return rows, nil
+	return brokertest.Rows(out), nil
 }
