@@ -165,9 +165,6 @@ func (a *Agent) retry(ctx context.Context, pub publisher, m *message, dec decisi
 func (a *Agent) deadLetter(ctx context.Context, pub publisher, m *message, dec decision, reason string) error {
 	msg := a.copyOf(m, dec.attempt, dec.throttles, reason)
 	msg.Headers[HeaderAgent] = a.opts.Name
-	// A dead letter is kept until someone looks at it: the message's own
-	// TTL would drop it from the dead-letter queue.
-	msg.Expiration = ""
 	ctx, cancel := copyContext(ctx, m)
 	defer cancel()
 	if err := pub.Publish(ctx, dec.exchange, dec.key, msg); err != nil {
@@ -186,18 +183,12 @@ func copyContext(ctx context.Context, m *message) (context.Context, context.Canc
 	return ctx, func() { stop(); cancel() }
 }
 
-// copyOf rebuilds a message as a publishing, with its attempt count, the
-// failure reason and where it was first published. Whatever x-krakend-*
-// headers the message carried are dropped: the copy holds the driver's
-// own, from what the driver believes of the message.
+// copyOf builds the copy of a message (see copies.go), with its attempt
+// count, the failure reason and where it was first published. Whatever
+// x-krakend-* headers the message carried are dropped: the copy holds the
+// driver's own, from what the driver believes of the message.
 func (a *Agent) copyOf(m *message, attempt, throttles int, reason string) amqp.Publishing {
-	d := m.d
-	h := make(amqp.Table, len(d.Headers)+4)
-	for k, v := range d.Headers {
-		if !strings.HasPrefix(k, internalPrefix) {
-			h[k] = v
-		}
-	}
+	h := copyHeaders(m.d, 6)
 	h[HeaderAttempts] = int64(attempt)
 	if throttles > 0 {
 		h[HeaderThrottles] = int64(throttles)
@@ -205,12 +196,7 @@ func (a *Agent) copyOf(m *message, attempt, throttles int, reason string) amqp.P
 	h[HeaderLastError] = truncate(reason, 1024)
 	h[HeaderOriginalExchange] = m.exchange
 	h[HeaderOriginalRoutingKey] = m.key
-	return amqp.Publishing{
-		Headers: h, ContentType: d.ContentType, ContentEncoding: d.ContentEncoding,
-		DeliveryMode: d.DeliveryMode, Priority: d.Priority, CorrelationId: d.CorrelationId,
-		ReplyTo: d.ReplyTo, Expiration: d.Expiration, MessageId: d.MessageId, Timestamp: d.Timestamp,
-		Type: d.Type, UserId: d.UserId, AppId: d.AppId, Body: d.Body,
-	}
+	return copyProperties(m.d, h)
 }
 
 // statusOf finds the backend status behind a pipeline error, when Lura

@@ -181,10 +181,12 @@ func TestCopyOf(t *testing.T) {
 	d.Headers[HeaderOriginalRoutingKey], d.Headers[HeaderLastError] = "admin.purge", "forged"
 	c := a.copyOf(a.msg(d), 1, 0, "backend answered status 500")
 
+	// user_id, reply_to and expiration are the broker's to act on: the
+	// copy carries none of them as a property.
 	want := amqp.Publishing{
 		ContentType: d.ContentType, ContentEncoding: d.ContentEncoding, DeliveryMode: d.DeliveryMode,
-		Priority: d.Priority, CorrelationId: d.CorrelationId, ReplyTo: d.ReplyTo, Expiration: d.Expiration,
-		MessageId: d.MessageId, Timestamp: d.Timestamp, Type: d.Type, UserId: d.UserId, AppId: d.AppId,
+		Priority: d.Priority, CorrelationId: d.CorrelationId,
+		MessageId: d.MessageId, Timestamp: d.Timestamp, Type: d.Type, AppId: d.AppId,
 	}
 	got := c
 	got.Headers, got.Body = nil, nil
@@ -201,6 +203,8 @@ func TestCopyOf(t *testing.T) {
 		HeaderLastError:          "backend answered status 500",
 		HeaderOriginalRoutingKey: "orders.created",
 		HeaderOriginalExchange:   "orders",
+		HeaderOriginalUserID:     "guest",
+		HeaderOriginalReplyTo:    "replies",
 	}
 	for k, v := range wantHeaders {
 		if c.Headers[k] != v {

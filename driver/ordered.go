@@ -28,10 +28,10 @@ func orderingKey(spec string) keyOf {
 	case spec == "routing_key":
 		return routingKeyOf
 	case kind == "header":
-		return func(_ *Agent, d *amqp.Delivery) (string, bool) { return headerKey(d.Headers[name]) }
+		return func(a *Agent, d *amqp.Delivery) (string, bool) { return headerKey(a.publisherView(d).Headers[name]) }
 	case kind == "property":
-		return func(_ *Agent, d *amqp.Delivery) (string, bool) {
-			v := property(d, name)
+		return func(a *Agent, d *amqp.Delivery) (string, bool) {
+			v := property(a.publisherView(d), name)
 			return v, v != ""
 		}
 	}

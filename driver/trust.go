@@ -28,8 +28,11 @@ type message struct {
 	// this dispatch, within [0, maxThrottles].
 	throttles int
 	// retried: the message came back from one of the agent's retry
-	// queues.
+	// queues; d is then the message as its publisher sent it (restored).
 	retried bool
+	// parked is why a copy back from a retry queue must not be
+	// dispatched again (HeaderParked); "" for any other message.
+	parked string
 	// outcome is set once an ack or nack was handed over for it.
 	outcome string
 	// bound ends when the dispatch and the copies of the message must
@@ -64,6 +67,17 @@ func (a *Agent) read(m *message) {
 		a.log.Debug(fmt.Sprintf("message %q: %s or %s missing or invalid: the retry queue's exchange and key are used",
 			shortID(d), HeaderOriginalExchange, HeaderOriginalRoutingKey))
 	}
+	m.parked = parkedReason(d)
+	m.d = restored(d)
+}
+
+// publisherView is a delivery as its publisher sent it: restored when it
+// came back from one of the agent's retry queues.
+func (a *Agent) publisherView(d *amqp.Delivery) *amqp.Delivery {
+	if a.fromRetryQueue(d) {
+		return restored(d)
+	}
+	return d
 }
 
 // readCount reads a count the driver wrote in a header, clamped to
