@@ -82,6 +82,7 @@ type Session struct {
 	tag        string
 	deliveries <-chan amqp.Delivery
 	closed     chan *amqp.Error
+	done       chan struct{} // closed with the consuming channel
 	dialed
 }
 
@@ -199,6 +200,8 @@ func setUp(d dialed, s Settings) (*Session, error) {
 	}
 	sess := &Session{dialed: d, ch: ch, tag: consumerTag(s.Name), settings: s, retries: RetryQueues(s.Queue, s.RetryDelays)}
 	sess.closed = ch.NotifyClose(make(chan *amqp.Error, 1))
+	sess.done = make(chan struct{})
+	go closeWhenClosed(ch.NotifyClose(make(chan *amqp.Error, 1)), sess.done)
 	if err := declare(ch, s.Topology); err != nil {
 		return nil, err
 	}
@@ -441,6 +444,18 @@ func isCode(err error, code int) bool {
 // Deliveries is closed when the consumer is cancelled or the channel
 // closes; what was buffered is still handed out before it closes.
 func (s *Session) Deliveries() <-chan amqp.Delivery { return s.deliveries }
+
+// Done is closed when the consuming channel closes, for any reason: the
+// deliveries of the session can no longer be acknowledged.
+func (s *Session) Done() <-chan struct{} { return s.done }
+
+// closeWhenClosed closes done once amqp091 closes its notification
+// channel, which it does when the AMQP channel closes.
+func closeWhenClosed(closes <-chan *amqp.Error, done chan struct{}) {
+	for range closes {
+	}
+	close(done)
+}
 
 // Err returns why the channel closed, or nil while it is open or when it
 // was closed by this client.

@@ -80,7 +80,7 @@ func (a *Agent) decide(m *message, r result) decision {
 		throttles = min(throttles+1, maxThrottles)
 		counted = throttles%throttlesPerAttempt == 0
 	}
-	giveUp := counted && attempt >= retry.MaxAttempts || r.kind == kindTooLarge ||
+	giveUp := counted && attempt >= retry.MaxAttempts || final(r.kind) ||
 		r.status != 0 && slices.Contains(dead.Statuses, r.status)
 	switch {
 	case giveUp && dead.Broker:
@@ -132,13 +132,18 @@ func (a *Agent) fail(ctx context.Context, f *flow, m *message, r result) string 
 	if err := a.copy(ctx, f, m, dec, r.reason); err != nil {
 		a.stats.copyFailed.Add(1)
 		a.stats.lastCopyError.Store(err.Error())
-		if f.held != nil && ctx.Err() == nil {
-			f.held.add(heldCopy{m: m, dec: dec, reason: r.reason})
+		c := heldCopy{m: m, dec: dec, reason: r.reason, err: err}
+		if permanent(err) {
+			c.refusals = 1
+		}
+		if f.held != nil && ctx.Err() == nil && f.held.add(ctx, c) {
 			return OutcomeHeld
 		}
 		// No holder (a session that settles on the spot), or stopping:
 		// the message goes back to the queue.
-		sleep(ctx, min(a.opts.Retry.Delay, 5*time.Second))
+		if !f.ended() {
+			sleep(ctx, min(a.opts.Retry.Delay, 5*time.Second))
+		}
 		return a.settle(f, m, result{reason: r.reason}, false)
 	}
 	return a.settleAs(f, m, result{ok: true}, false, dec.outcome)
@@ -160,6 +165,18 @@ func (a *Agent) retry(ctx context.Context, pub publisher, m *message, dec decisi
 	ctx, cancel := copyContext(ctx, m)
 	defer cancel()
 	return pub.Publish(ctx, "", queue, a.copyOf(m, dec.attempt, dec.throttles, reason))
+}
+
+// park sends a message whose dead letter the broker refuses to the
+// longest retry queue, marked so that it is not dispatched again when it
+// comes back: its dead letter is tried again then.
+func (a *Agent) park(ctx context.Context, pub publisher, m *message, dec decision, why string) error {
+	delay := a.opts.Retry.DelayFor(math.MaxInt)
+	msg := a.copyOf(m, dec.attempt, dec.throttles, why)
+	msg.Headers[HeaderParked] = truncate(why, 1024)
+	ctx, cancel := copyContext(ctx, m)
+	defer cancel()
+	return pub.Publish(ctx, "", consumer.RetryQueue(a.opts.Session.Queue, delay), msg)
 }
 
 func (a *Agent) deadLetter(ctx context.Context, pub publisher, m *message, dec decision, reason string) error {

@@ -369,6 +369,8 @@ type publishOnly struct{ publisher }
 
 func (publishOnly) Deliveries() <-chan amqp.Delivery { return nil }
 
+func (publishOnly) Done() <-chan struct{} { return nil }
+
 func TestAgentFail(t *testing.T) {
 	retry := config.Retry{MaxAttempts: 6, Delay: time.Second, MaxDelay: 4 * time.Second, Multiplier: 2}
 	failure := result{reason: "backend answered status 500", status: 500}

@@ -69,13 +69,20 @@ func (a *Agent) process(ctx context.Context, f *flow, m *message) (string, resul
 	if a.opts.Session.AutoAck {
 		return a.processAutoAcked(ctx, m)
 	}
-	if r, big := a.tooLarge(m); big {
+	if r, unfit := a.unfit(m); unfit {
 		a.stats.failed.Add(1)
 		a.stats.lastReason.Store(r.reason)
 		if !a.ownsRetries() {
 			return a.settle(f, m, r, true), r
 		}
 		return a.fail(ctx, f, m, r), r
+	}
+	if f.ended() {
+		// Waiting behind an ordering key, or buffered, when the channel
+		// closed: its ack could not succeed, and the broker delivers it
+		// again to the next session.
+		r := result{reason: "its session ended before its dispatch"}
+		return a.settle(f, m, r, false), r
 	}
 	if ctx.Err() != nil || a.wait(ctx) != nil {
 		r := result{reason: "agent stopping"}
@@ -108,6 +115,16 @@ func (a *Agent) processAutoAcked(ctx context.Context, m *message) (string, resul
 	m.outcome = OutcomeAutoAcked
 	a.metrics.onSettled(OutcomeAutoAcked)
 	return OutcomeAutoAcked, r
+}
+
+// unfit tells whether a message must not reach the backend: it is too
+// large, or it was parked because its dead letter could not be made
+// (tried again now, when a dead-letter destination is still configured).
+func (a *Agent) unfit(m *message) (result, bool) {
+	if m.parked != "" && a.opts.DeadLetter.Enabled() {
+		return result{reason: m.parked, kind: kindParked}, true
+	}
+	return a.tooLarge(m)
 }
 
 // tooLarge tells whether a message's body is over max_body_bytes: such a

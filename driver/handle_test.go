@@ -38,6 +38,8 @@ type panickySession struct {
 
 func (s panickySession) Deliveries() <-chan amqp.Delivery { return s.ch }
 
+func (panickySession) Done() <-chan struct{} { return nil }
+
 func panicAgent(t *testing.T, logs *bytes.Buffer, opts Options) *Agent {
 	t.Helper()
 	logger, _ := logging.NewLogger("DEBUG", logs, "")

@@ -45,9 +45,23 @@ func (r result) throttled() bool {
 // 429, a 503 or a timeout.
 func (r result) pushedBack() bool { return !r.ok && (r.throttled() || r.kind == "timeout") }
 
-// kindTooLarge is the failure of a message over max_body_bytes: it is
-// dead-lettered at once, never retried.
-const kindTooLarge = "too_large"
+// Failures that dead-letter at once, never retried:
+const (
+	// kindTooLarge: a message over max_body_bytes.
+	kindTooLarge = "too_large"
+	// kindParked: a parked message back from its retry queue; its dead
+	// letter is tried again.
+	kindParked = "parked"
+	// kindRefused: a message whose retry copy the broker keeps refusing.
+	kindRefused = "copy_refused"
+	// kindUnreadable: a message whose headers the client could not read.
+	kindUnreadable = "unreadable"
+)
+
+// final tells whether a failure dead-letters at once.
+func final(kind string) bool {
+	return kind == kindTooLarge || kind == kindParked || kind == kindRefused || kind == kindUnreadable
+}
 
 // judge decides whether a pipeline answer means the message was handled.
 // Only a 2xx counts: a complete answer with no error and, when Lura

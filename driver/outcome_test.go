@@ -356,6 +356,8 @@ type fakeSession struct {
 
 func (f *fakeSession) Deliveries() <-chan amqp.Delivery { return f.ch }
 
+func (*fakeSession) Done() <-chan struct{} { return nil }
+
 func (f *fakeSession) Publish(_ context.Context, exchange, key string, _ amqp.Publishing) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()

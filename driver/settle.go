@@ -29,6 +29,17 @@ type flow struct {
 	held    *held
 }
 
+// ended tells whether the session's channel closed: its deliveries can
+// no longer be settled, and the broker delivers them again.
+func (f *flow) ended() bool {
+	select {
+	case <-f.Done():
+		return true
+	default:
+		return false
+	}
+}
+
 // settle acks a handled message and nacks the others, and returns the
 // outcome.
 func (a *Agent) settle(f *flow, m *message, r result, discard bool) string {

@@ -67,6 +67,9 @@ func (a *Agent) workInOrder(ctx, bound context.Context, f *flow, seq *sequencer)
 // session is what the workers use of a consumer session.
 type session interface {
 	Deliveries() <-chan amqp.Delivery
+	// Done is closed when the session's deliveries can no longer be
+	// acknowledged (its channel closed).
+	Done() <-chan struct{}
 	publisher
 }
 
