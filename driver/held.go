@@ -46,6 +46,7 @@ type held struct {
 	most  int   // most messages held at once
 	mu    sync.Mutex
 	list  []heldCopy
+	taken int // copies being tried again, out of list meanwhile
 	wake  chan struct{}
 	freed chan struct{} // signalled when a held message is let go
 	stop  chan struct{}
@@ -81,9 +82,11 @@ func heldShare(prefetch int) int {
 // full; it tells false when the session or the agent ends first (the
 // message is then not held).
 func (h *held) add(ctx context.Context, c heldCopy) bool {
+	// Its settlement waits, held or not: the acks after it need not.
+	h.f.settler.holding(c.m)
 	for {
 		h.mu.Lock()
-		if len(h.list) < h.most {
+		if len(h.list)+h.taken < h.most {
 			h.list = append(h.list, c)
 			h.mu.Unlock()
 			break
@@ -100,7 +103,6 @@ func (h *held) add(ctx context.Context, c heldCopy) bool {
 			return false
 		}
 	}
-	h.f.settler.holding(c.m)
 	h.agent.metrics.onHeld(1)
 	signal(h.wake)
 	return true
@@ -117,7 +119,7 @@ func signal(c chan struct{}) {
 func (h *held) count() int {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	return len(h.list)
+	return len(h.list) + h.taken
 }
 
 func (h *held) run() {
@@ -174,7 +176,7 @@ func (h *held) retryAll() bool {
 	full := h.full()
 	h.mu.Lock()
 	list := h.list
-	h.list = nil
+	h.list, h.taken = nil, len(list)
 	h.mu.Unlock()
 	var kept []heldCopy
 	for _, c := range list {
@@ -183,7 +185,7 @@ func (h *held) retryAll() bool {
 		}
 	}
 	h.mu.Lock()
-	h.list = append(kept, h.list...)
+	h.list, h.taken = append(kept, h.list...), 0
 	h.mu.Unlock()
 	gone := len(kept) < len(list)
 	if gone {
