@@ -2,6 +2,8 @@ package driver
 
 import (
 	"bytes"
+	"errors"
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
@@ -9,6 +11,7 @@ import (
 
 	"github.com/luraproject/lura/v2/backoff"
 	"github.com/luraproject/lura/v2/logging"
+	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/krakend-contrib/async-amqp/consumer"
 )
@@ -64,6 +67,23 @@ func TestWarnsWhenPrefetchIsBelowWorkers(t *testing.T) {
 		New(Options{Name: "p", Workers: tc.workers, Session: consumer.Settings{PrefetchCount: tc.prefetch}, Logger: l})
 		if got := strings.Contains(buf.String(), "below consumer.workers"); got != tc.warn {
 			t.Errorf("prefetch %d, workers %d: warned %t, want %t", tc.prefetch, tc.workers, got, tc.warn)
+		}
+	}
+}
+
+func TestUnreadableSessionError(t *testing.T) {
+	for _, tc := range []struct {
+		err  error
+		want bool
+	}{
+		{fmt.Errorf("session lost: %w", &amqp.Error{Code: amqp.FrameError, Reason: amqp.ErrSyntax.Error()}), true},
+		{&amqp.Error{Code: amqp.FrameError, Reason: amqp.ErrFrameTooLarge.Error()}, false},
+		{&amqp.Error{Code: amqp.FrameError, Reason: amqp.ErrSyntax.Error(), Server: true}, false},
+		{&amqp.Error{Code: amqp.ConnectionForced, Reason: "shutdown"}, false},
+		{errors.New("EOF"), false},
+	} {
+		if got := unreadable(tc.err); got != tc.want {
+			t.Errorf("unreadable(%v) = %t, want %t", tc.err, got, tc.want)
 		}
 	}
 }

@@ -32,6 +32,13 @@ func (a *Agent) Run(ctx context.Context) error {
 			if time.Since(started) >= stableSession || a.received.Load() > before {
 				retries = 0
 			}
+			// A message the client cannot read is no fault of the
+			// connection: it must not make the agent give up.
+			if unreadable(err) {
+				a.log.Error(fmt.Sprintf("queue %q: the AMQP client could not read a delivery (%s); the session is not "+
+					"counted as a failed connection attempt", a.opts.Session.Queue, oneLine(err)))
+				retries = 0
+			}
 			a.opts.Session.URLs = after(a.opts.Session.URLs, sess.Index())
 		}
 		if ctx.Err() != nil {
@@ -50,6 +57,15 @@ func (a *Agent) Run(ctx context.Context) error {
 			return nil
 		}
 	}
+}
+
+// unreadable tells whether a session ended because amqp091 could not
+// decode a frame the broker sent (a message's headers beyond its limits):
+// a client-side frame error about a field, not a network fault.
+func unreadable(err error) bool {
+	var aerr *amqp.Error
+	return errors.As(err, &aerr) && aerr.Code == amqp.FrameError && !aerr.Server &&
+		strings.Contains(aerr.Reason, amqp.ErrSyntax.Reason)
 }
 
 // backoff asks the agent's strategy how long to wait before a retry,
