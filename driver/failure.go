@@ -74,7 +74,11 @@ type decision struct {
 // between a retry and a dead letter. It does no I/O.
 func (a *Agent) decide(m *message, r result) decision {
 	retry, dead := a.opts.Retry, a.opts.DeadLetter
-	attempt, throttles := min(max(m.attempt(), 1), retry.MaxAttempts), m.throttles
+	attempt, throttles := m.attempt(), m.throttles
+	if r.kind == kindParked {
+		attempt = m.failed // counted when it was parked
+	}
+	attempt = min(max(attempt, 1), retry.MaxAttempts)
 	counted := true
 	if r.throttled() {
 		throttles = min(throttles+1, maxThrottles)
@@ -170,14 +174,16 @@ func (a *Agent) retry(ctx context.Context, pub publisher, m *message, dec decisi
 // park sends a message whose dead letter the broker refuses to the
 // longest retry queue, marked so that it is not dispatched again when it
 // comes back: its dead letter is tried again then.
-func (a *Agent) park(ctx context.Context, pub publisher, m *message, dec decision, why string) error {
-	delay := a.opts.Retry.DelayFor(math.MaxInt)
-	msg := a.copyOf(m, dec.attempt, dec.throttles, why)
+func (a *Agent) park(ctx context.Context, pub publisher, m *message, dec decision, reason, why string) error {
+	msg := a.copyOf(m, dec.attempt, dec.throttles, reason)
 	msg.Headers[HeaderParked] = truncate(why, 1024)
 	ctx, cancel := copyContext(ctx, m)
 	defer cancel()
-	return pub.Publish(ctx, "", consumer.RetryQueue(a.opts.Session.Queue, delay), msg)
+	return pub.Publish(ctx, "", consumer.RetryQueue(a.opts.Session.Queue, a.parkDelay()), msg)
 }
+
+// parkDelay is how long a parked message waits: the longest retry delay.
+func (a *Agent) parkDelay() time.Duration { return a.opts.Retry.DelayFor(math.MaxInt) }
 
 func (a *Agent) deadLetter(ctx context.Context, pub publisher, m *message, dec decision, reason string) error {
 	msg := a.copyOf(m, dec.attempt, dec.throttles, reason)

@@ -122,7 +122,11 @@ func (a *Agent) processAutoAcked(ctx context.Context, m *message) (string, resul
 // (tried again now, when a dead-letter destination is still configured).
 func (a *Agent) unfit(m *message) (result, bool) {
 	if m.parked != "" && a.opts.DeadLetter.Enabled() {
-		return result{reason: m.parked, kind: kindParked}, true
+		reason := m.lastError
+		if reason == "" {
+			reason = m.parked
+		}
+		return result{reason: truncate(reason, 1024), kind: kindParked}, true
 	}
 	return a.tooLarge(m)
 }

@@ -230,13 +230,13 @@ func (h *held) giveUp(c *heldCopy) bool {
 	a := h.agent
 	why := fmt.Sprintf("the broker refused its %s copy %d times: %s", copyKind(c.dec), c.refusals, oneLine(c.err))
 	if c.dec.outcome == OutcomeDeadLettered {
-		if err := a.park(context.Background(), h.f, c.m, c.dec, why); err != nil {
+		if err := a.park(context.Background(), h.f, c.m, c.dec, c.reason, why); err != nil {
 			a.log.Error(fmt.Sprintf("message %q: %s; parking it in a retry queue failed too (%s): it stays held",
 				shortID(c.m.d), why, oneLine(err)))
 			return false
 		}
 		a.log.Error(fmt.Sprintf("message %q: %s; it is parked in %s and its dead letter tried again every %s, "+
-			"without calling the backend", shortID(c.m.d), why, consumer.RetryQueue(a.opts.Session.Queue, c.dec.delay), c.dec.delay))
+			"without calling the backend", shortID(c.m.d), why, consumer.RetryQueue(a.opts.Session.Queue, a.parkDelay()), a.parkDelay()))
 		a.settleAs(h.f, c.m, result{ok: true}, false, OutcomeParked)
 		return true
 	}

@@ -249,7 +249,7 @@ func TestParkedMessageComesBackToItsDeadLetter(t *testing.T) {
 	sess := &selectiveSession{ch: make(chan amqp.Delivery, 1)}
 	acker := &fakeAcker{}
 	back := expiredFrom(&amqp.Delivery{Acknowledger: acker, DeliveryTag: 1, Body: []byte("{}"), Headers: amqp.Table{
-		HeaderParked: "the broker refused its dead-letter copy", HeaderAttempts: int64(2),
+		HeaderParked: "the broker refused its dead-letter copy", HeaderAttempts: int64(2), HeaderLastError: "status 500",
 		HeaderOriginalExchange: "orders", HeaderOriginalRoutingKey: "k",
 	}}, "work.retry.20ms")
 	sess.ch <- *back
@@ -264,6 +264,9 @@ func TestParkedMessageComesBackToItsDeadLetter(t *testing.T) {
 	}
 	if _, ok := copies[0].msg.Headers[HeaderParked]; ok {
 		t.Errorf("the dead letter carries %s", HeaderParked)
+	}
+	if h := copies[0].msg.Headers; h[HeaderAttempts] != int64(2) || h[HeaderLastError] != "status 500" {
+		t.Errorf("dead letter attempts %v, last error %v; want 2 and the failure it was parked with", h[HeaderAttempts], h[HeaderLastError])
 	}
 	if calls := acker.byTag()[1]; len(calls) != 1 || calls[0].op != "ack" {
 		t.Errorf("message settled %v, want one ack", calls)

@@ -33,6 +33,8 @@ type message struct {
 	// parked is why a copy back from a retry queue must not be
 	// dispatched again (HeaderParked); "" for any other message.
 	parked string
+	// lastError is why a parked message failed.
+	lastError string
 	// outcome is set once an ack or nack was handed over for it.
 	outcome string
 	// bound ends when the dispatch and the copies of the message must
@@ -57,7 +59,14 @@ func (a *Agent) read(m *message) {
 	if !m.retried {
 		return
 	}
-	m.failed = a.readCount(d, HeaderAttempts, int64(a.opts.Retry.MaxAttempts-1), true)
+	m.parked = parkedReason(d)
+	most := a.opts.Retry.MaxAttempts - 1
+	if m.parked != "" {
+		// A parked copy records its final count: it is not dispatched.
+		most++
+		m.lastError, _ = d.Headers[HeaderLastError].(string)
+	}
+	m.failed = a.readCount(d, HeaderAttempts, int64(most), true)
 	m.throttles = a.readCount(d, HeaderThrottles, maxThrottles, false)
 	exchange, okExchange := name(d.Headers[HeaderOriginalExchange])
 	key, okKey := name(d.Headers[HeaderOriginalRoutingKey])
@@ -67,7 +76,6 @@ func (a *Agent) read(m *message) {
 		a.log.Debug(fmt.Sprintf("message %q: %s or %s missing or invalid: the retry queue's exchange and key are used",
 			shortID(d), HeaderOriginalExchange, HeaderOriginalRoutingKey))
 	}
-	m.parked = parkedReason(d)
 	m.d = restored(d)
 }
 
