@@ -72,6 +72,18 @@ func interpreted(k string) bool {
 	return false
 }
 
+// deathHeaders tells whether a delivery carries any of the headers the
+// broker writes when it dead-letters a message.
+func deathHeaders(d *amqp.Delivery) bool {
+	for k := range d.Headers {
+		lower := strings.ToLower(k)
+		if lower == "x-death" || strings.HasPrefix(lower, "x-first-death-") || strings.HasPrefix(lower, "x-last-death-") {
+			return true
+		}
+	}
+	return false
+}
+
 // driverHeader tells whether a header is one of the driver's own
 // (x-krakend-*), in any case.
 func driverHeader(k string) bool {

@@ -68,6 +68,9 @@ type decision struct {
 	broker bool
 	// exchange and key are where a dead-letter copy goes.
 	exchange, key string
+	// park, on a retry, marks the copy not to be dispatched again when
+	// it comes back (HeaderParked), with the reason.
+	park string
 }
 
 // decide chooses, from the validated attempt count and the failure,
@@ -87,6 +90,13 @@ func (a *Agent) decide(m *message, r result) decision {
 	giveUp := counted && attempt >= retry.MaxAttempts || final(r.kind) ||
 		r.status != 0 && slices.Contains(dead.Statuses, r.status)
 	switch {
+	case giveUp && dead.Broker && !m.retried && deathHeaders(m.d):
+		// The broker's dead-lettering rewrites x-death and loses a
+		// message whose x-death it cannot read: one its publisher set
+		// goes through a retry queue first, which leaves the broker's
+		// own.
+		return decision{outcome: OutcomeRetried, attempt: attempt, throttles: throttles, delay: retry.DelayFor(1),
+			park: "its publisher set x-death: it is rejected to the queue's dead-letter exchange once back from a retry queue"}
 	case giveUp && dead.Broker:
 		return decision{outcome: OutcomeDeadLettered, attempt: attempt, throttles: throttles, broker: true}
 	case giveUp && dead.Enabled():
@@ -166,9 +176,13 @@ func (a *Agent) copy(ctx context.Context, pub publisher, m *message, dec decisio
 
 func (a *Agent) retry(ctx context.Context, pub publisher, m *message, dec decision, reason string) error {
 	queue := consumer.RetryQueue(a.opts.Session.Queue, dec.delay)
+	msg := a.copyOf(m, dec.attempt, dec.throttles, reason)
+	if dec.park != "" {
+		msg.Headers[HeaderParked] = dec.park
+	}
 	ctx, cancel := copyContext(ctx, m)
 	defer cancel()
-	return pub.Publish(ctx, "", queue, a.copyOf(m, dec.attempt, dec.throttles, reason))
+	return pub.Publish(ctx, "", queue, msg)
 }
 
 // park sends a message whose dead letter the broker refuses to the
