@@ -77,7 +77,10 @@ func (p *publisher) close() {
 // confirmChannel is a channel in confirm mode that records the publishes
 // the broker returned.
 type confirmChannel struct {
-	ch      *amqp.Channel
+	ch *amqp.Channel
+	// send publishes with the mandatory flag and hands back the pending
+	// confirm: the channel's own publish, replaced by fakes in tests.
+	send    func(ctx context.Context, exchange, key string, msg amqp.Publishing) (confirmation, error)
 	barrier chan chan struct{}
 	dead    chan struct{} // closed when the channel is gone
 	closes  chan *amqp.Error
@@ -95,10 +98,25 @@ func openConfirmChannel(conn *amqp.Connection) (*confirmChannel, error) {
 		_ = ch.Close()
 		return nil, fmt.Errorf("enable publisher confirms: %w", err)
 	}
-	c := &confirmChannel{ch: ch, barrier: make(chan chan struct{}), dead: make(chan struct{}), back: map[string]bool{},
-		closes: ch.NotifyClose(make(chan *amqp.Error, 1))}
+	c := newConfirmChannel(ch.NotifyClose(make(chan *amqp.Error, 1)))
+	c.ch = ch
+	c.send = func(ctx context.Context, exchange, key string, msg amqp.Publishing) (confirmation, error) {
+		const mandatory, immediate = true, false
+		return ch.PublishWithDeferredConfirmWithContext(ctx, exchange, key, mandatory, immediate, msg)
+	}
 	go c.watch(ch.NotifyReturn(make(chan amqp.Return)))
 	return c, nil
+}
+
+// confirmation is a publish's pending confirm (*amqp.DeferredConfirmation).
+type confirmation interface {
+	WaitContext(ctx context.Context) (bool, error)
+}
+
+// newConfirmChannel makes the bookkeeping of a confirming channel; the
+// caller sets ch and send and starts watch.
+func newConfirmChannel(closes chan *amqp.Error) *confirmChannel {
+	return &confirmChannel{barrier: make(chan chan struct{}), dead: make(chan struct{}), back: map[string]bool{}, closes: closes}
 }
 
 func (c *confirmChannel) closed() bool {
@@ -140,7 +158,7 @@ func (c *confirmChannel) publish(ctx context.Context, exchange, key string, msg 
 	}
 	headers[PublishIDHeader] = id
 	msg.Headers = headers
-	conf, err := c.ch.PublishWithDeferredConfirmWithContext(ctx, exchange, key, true, false, msg)
+	conf, err := c.send(ctx, exchange, key, msg)
 	if err != nil {
 		return err
 	}
