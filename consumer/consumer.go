@@ -457,21 +457,36 @@ func (s *Session) Err() error {
 
 // Publish sends a copy of a message (a retry, a dead letter) and returns
 // nil only once the broker has confirmed it and routed it to a queue. A
-// retry queue found missing (an operator deleted it) is declared again,
-// as at connect, and the copy sent once more.
+// retry queue or the dead-letter queue found missing (an operator deleted
+// it) is declared again, as at connect, and the copy sent once more.
 func (s *Session) Publish(ctx context.Context, exchange, key string, msg amqp.Publishing) error {
 	if s.pub == nil {
 		return errors.New("this session has no publishing connection")
 	}
 	err := s.pub.publish(ctx, exchange, key, msg)
-	if delay, ok := s.retries[key]; ok && exchange == "" && errors.Is(err, ErrUnroutable) {
-		err = s.pub.declare(func(ch *amqp.Channel) error { return declareRetryQueue(ch, s.settings, delay) })
+	if redeclare := s.failureQueue(key); redeclare != nil && exchange == "" && errors.Is(err, ErrUnroutable) {
+		err = redeclare()
 		if err == nil {
 			err = s.pub.publish(ctx, exchange, key, msg)
 		}
 	}
 	if err != nil {
 		return fmt.Errorf("publish to exchange %q with routing key %q: %w", exchange, key, err)
+	}
+	return nil
+}
+
+// failureQueue returns how to declare again the queue of the session's
+// failure paths (a retry queue, the dead-letter queue) named name, as at
+// connect, or nil for any other name.
+func (s *Session) failureQueue(name string) func() error {
+	if delay, ok := s.retries[name]; ok {
+		return func() error {
+			return s.pub.declare(func(ch *amqp.Channel) error { return declareRetryQueue(ch, s.settings, delay) })
+		}
+	}
+	if name != "" && name == s.settings.DeadLetterQueue {
+		return func() error { return declareDeadLetterQueue(s.pubConn, s.settings) }
 	}
 	return nil
 }
