@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"sync"
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
@@ -97,36 +98,92 @@ type dialed struct {
 
 // Open dials, declares the topology and starts consuming. Nothing is taken
 // off the queue before Open returns the session to its caller, who must
-// drain Deliveries until it is closed.
+// drain Deliveries until it is closed. When ctx ends before Open is done,
+// Open closes what it opened and returns an error wrapping ctx.Err(), even
+// if the broker stopped answering.
 func Open(ctx context.Context, s Settings) (*Session, error) {
 	d, err := dialAny(ctx, s)
 	if err != nil {
 		return nil, err
 	}
+	// The declarations, qos and consume take no context: closing the
+	// connections when ctx ends is what ends a call the broker does not
+	// answer.
+	o := &opening{conns: []*amqp.Connection{d.conn}, done: make(chan struct{})}
+	stop := context.AfterFunc(ctx, o.abort)
 	sess, err := setUp(d, s)
-	if err != nil {
-		d.conn.Close()
-		return nil, err
-	}
-	if s.Publish {
-		err = sess.openPublisher(ctx, s)
+	if err == nil && s.Publish {
+		err = sess.openPublisher(ctx, s, o)
 	}
 	if err == nil {
 		err = sess.consume()
 	}
 	if err != nil {
-		_ = sess.Close()
+		if sess != nil {
+			_ = sess.Close()
+		} else {
+			d.conn.Close()
+		}
+	}
+	if !stop() { // ctx ended: abort has closed the connections, or is closing them
+		<-o.done
+		if err == nil {
+			_ = sess.Close()
+		}
+		return nil, fmt.Errorf("set up the session on %s: %w", d.host, ctx.Err())
+	}
+	if err != nil {
 		return nil, err
 	}
 	return sess, nil
 }
 
+// opening holds the connections of a session being opened, for abort.
+type opening struct {
+	mu      sync.Mutex
+	conns   []*amqp.Connection
+	aborted bool
+	done    chan struct{} // closed when abort has returned
+}
+
+// add hands conn over to abort; false when abort has already run, and
+// conn is closed.
+func (o *opening) add(conn *amqp.Connection) bool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.aborted {
+		_ = conn.CloseDeadline(time.Now())
+		return false
+	}
+	o.conns = append(o.conns, conn)
+	return true
+}
+
+// abort closes the connections without waiting for a broker that may not
+// answer, and every call waiting on them fails. The deadline is already
+// past, so that the socket is closed at once: a later one would bound the
+// close handshake only until amqp091's heartbeater, on the next frame
+// read, sets the read deadline again.
+func (o *opening) abort() {
+	defer close(o.done)
+	o.mu.Lock()
+	o.aborted = true
+	conns := o.conns
+	o.mu.Unlock()
+	for _, conn := range conns {
+		_ = conn.CloseDeadline(time.Now())
+	}
+}
+
 // openPublisher dials the broker the session is on a second time, for
 // the copies. The session ends with either connection.
-func (sess *Session) openPublisher(ctx context.Context, s Settings) error {
+func (sess *Session) openPublisher(ctx context.Context, s Settings, o *opening) error {
 	conn, err := dial(ctx, s.URLs[sess.index], s, " (copies)")
 	if err != nil {
 		return fmt.Errorf("connect for publishing copies to %s: %w", sess.host, err)
+	}
+	if !o.add(conn) {
+		return fmt.Errorf("connect for publishing copies to %s: %w", sess.host, ctx.Err())
 	}
 	sess.pubConn, sess.pub = conn, newPublisher(conn)
 	go closeWith(conn.NotifyClose(make(chan *amqp.Error, 1)), sess.conn)
