@@ -125,7 +125,12 @@ func newConfirmChannel(closes chan *amqp.Error) *confirmChannel {
 	return &confirmChannel{barrier: make(chan chan struct{}), dead: make(chan struct{}), back: map[string]bool{}, closes: closes}
 }
 
+// closed is true once the channel is closed: amqp091 marks it closed
+// before it fails the pending confirms, the watcher ends later.
 func (c *confirmChannel) closed() bool {
+	if c.ch != nil && c.ch.IsClosed() {
+		return true
+	}
 	select {
 	case <-c.dead:
 		return true
