@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"sync"
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
@@ -98,36 +99,92 @@ type dialed struct {
 
 // Open dials, declares the topology and starts consuming. Nothing is taken
 // off the queue before Open returns the session to its caller, who must
-// drain Deliveries until it is closed.
+// drain Deliveries until it is closed. When ctx ends before Open is done,
+// Open closes what it opened and returns an error wrapping ctx.Err(), even
+// if the broker stopped answering.
 func Open(ctx context.Context, s Settings) (*Session, error) {
 	d, err := dialAny(ctx, s)
 	if err != nil {
 		return nil, err
 	}
+	// The declarations, qos and consume take no context: closing the
+	// connections when ctx ends is what ends a call the broker does not
+	// answer.
+	o := &opening{conns: []*amqp.Connection{d.conn}, done: make(chan struct{})}
+	stop := context.AfterFunc(ctx, o.abort)
 	sess, err := setUp(d, s)
-	if err != nil {
-		d.conn.Close()
-		return nil, err
-	}
-	if s.Publish {
-		err = sess.openPublisher(ctx, s)
+	if err == nil && s.Publish {
+		err = sess.openPublisher(ctx, s, o)
 	}
 	if err == nil {
 		err = sess.consume()
 	}
 	if err != nil {
-		_ = sess.Close()
+		if sess != nil {
+			_ = sess.Close()
+		} else {
+			d.conn.Close()
+		}
+	}
+	if !stop() { // ctx ended: abort has closed the connections, or is closing them
+		<-o.done
+		if err == nil {
+			_ = sess.Close()
+		}
+		return nil, fmt.Errorf("set up the session on %s: %w", d.host, ctx.Err())
+	}
+	if err != nil {
 		return nil, err
 	}
 	return sess, nil
 }
 
+// opening holds the connections of a session being opened, for abort.
+type opening struct {
+	mu      sync.Mutex
+	conns   []*amqp.Connection
+	aborted bool
+	done    chan struct{} // closed when abort has returned
+}
+
+// add hands conn over to abort; false when abort has already run, and
+// conn is closed.
+func (o *opening) add(conn *amqp.Connection) bool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.aborted {
+		_ = conn.CloseDeadline(time.Now())
+		return false
+	}
+	o.conns = append(o.conns, conn)
+	return true
+}
+
+// abort closes the connections without waiting for a broker that may not
+// answer, and every call waiting on them fails. The deadline is already
+// past, so that the socket is closed at once: a later one would bound the
+// close handshake only until amqp091's heartbeater, on the next frame
+// read, sets the read deadline again.
+func (o *opening) abort() {
+	defer close(o.done)
+	o.mu.Lock()
+	o.aborted = true
+	conns := o.conns
+	o.mu.Unlock()
+	for _, conn := range conns {
+		_ = conn.CloseDeadline(time.Now())
+	}
+}
+
 // openPublisher dials the broker the session is on a second time, for
 // the copies. The session ends with either connection.
-func (sess *Session) openPublisher(ctx context.Context, s Settings) error {
+func (sess *Session) openPublisher(ctx context.Context, s Settings, o *opening) error {
 	conn, err := dial(ctx, s.URLs[sess.index], s, " (copies)")
 	if err != nil {
 		return fmt.Errorf("connect for publishing copies to %s: %w", sess.host, err)
+	}
+	if !o.add(conn) {
+		return fmt.Errorf("connect for publishing copies to %s: %w", sess.host, ctx.Err())
 	}
 	sess.pubConn, sess.pub = conn, newPublisher(conn)
 	go closeWith(conn.NotifyClose(make(chan *amqp.Error, 1)), sess.conn)
@@ -472,21 +529,36 @@ func (s *Session) Err() error {
 
 // Publish sends a copy of a message (a retry, a dead letter) and returns
 // nil only once the broker has confirmed it and routed it to a queue. A
-// retry queue found missing (an operator deleted it) is declared again,
-// as at connect, and the copy sent once more.
+// retry queue or the dead-letter queue found missing (an operator deleted
+// it) is declared again, as at connect, and the copy sent once more.
 func (s *Session) Publish(ctx context.Context, exchange, key string, msg amqp.Publishing) error {
 	if s.pub == nil {
 		return errors.New("this session has no publishing connection")
 	}
 	err := s.pub.publish(ctx, exchange, key, msg)
-	if delay, ok := s.retries[key]; ok && exchange == "" && errors.Is(err, ErrUnroutable) {
-		err = s.pub.declare(func(ch *amqp.Channel) error { return declareRetryQueue(ch, s.settings, delay) })
+	if redeclare := s.failureQueue(key); redeclare != nil && exchange == "" && errors.Is(err, ErrUnroutable) {
+		err = redeclare()
 		if err == nil {
 			err = s.pub.publish(ctx, exchange, key, msg)
 		}
 	}
 	if err != nil {
 		return fmt.Errorf("publish to exchange %q with routing key %q: %w", exchange, key, err)
+	}
+	return nil
+}
+
+// failureQueue returns how to declare again the queue of the session's
+// failure paths (a retry queue, the dead-letter queue) named name, as at
+// connect, or nil for any other name.
+func (s *Session) failureQueue(name string) func() error {
+	if delay, ok := s.retries[name]; ok {
+		return func() error {
+			return s.pub.declare(func(ch *amqp.Channel) error { return declareRetryQueue(ch, s.settings, delay) })
+		}
+	}
+	if name != "" && name == s.settings.DeadLetterQueue {
+		return func() error { return declareDeadLetterQueue(s.pubConn, s.settings) }
 	}
 	return nil
 }

@@ -77,14 +77,23 @@ func (p *publisher) close() {
 // confirmChannel is a channel in confirm mode that records the publishes
 // the broker returned.
 type confirmChannel struct {
-	ch      *amqp.Channel
+	ch *amqp.Channel
+	// send publishes with the mandatory flag and hands back the pending
+	// confirm: the channel's own publish, replaced by fakes in tests.
+	send    func(ctx context.Context, exchange, key string, msg amqp.Publishing) (confirmation, error)
 	barrier chan chan struct{}
-	dead    chan struct{} // closed when the channel is gone
+	dead    chan struct{} // closed when the channel is gone and every return is recorded
 	closes  chan *amqp.Error
 	mu      sync.Mutex
-	back    map[string]bool // publish ids the broker returned
+	back    map[string]bool // ids of the publishes in flight: true once the broker returned it
+	strays  uint64          // returns that matched no publish in flight
 	err     *amqp.Error     // why the broker closed the channel
 }
+
+// returnsBuffer is how many basic.returns amqp091 may hand over before
+// the watcher takes them: amqp091 gives up a hand-over (the return is
+// lost) when a listener does not take it within 5 seconds.
+const returnsBuffer = 64
 
 func openConfirmChannel(conn *amqp.Connection) (*confirmChannel, error) {
 	ch, err := conn.Channel()
@@ -95,13 +104,33 @@ func openConfirmChannel(conn *amqp.Connection) (*confirmChannel, error) {
 		_ = ch.Close()
 		return nil, fmt.Errorf("enable publisher confirms: %w", err)
 	}
-	c := &confirmChannel{ch: ch, barrier: make(chan chan struct{}), dead: make(chan struct{}), back: map[string]bool{},
-		closes: ch.NotifyClose(make(chan *amqp.Error, 1))}
-	go c.watch(ch.NotifyReturn(make(chan amqp.Return)))
+	c := newConfirmChannel(ch.NotifyClose(make(chan *amqp.Error, 1)))
+	c.ch = ch
+	c.send = func(ctx context.Context, exchange, key string, msg amqp.Publishing) (confirmation, error) {
+		const mandatory, immediate = true, false
+		return ch.PublishWithDeferredConfirmWithContext(ctx, exchange, key, mandatory, immediate, msg)
+	}
+	go c.watch(ch.NotifyReturn(make(chan amqp.Return, returnsBuffer)))
 	return c, nil
 }
 
+// confirmation is a publish's pending confirm (*amqp.DeferredConfirmation).
+type confirmation interface {
+	WaitContext(ctx context.Context) (bool, error)
+}
+
+// newConfirmChannel makes the bookkeeping of a confirming channel; the
+// caller sets ch and send and starts watch.
+func newConfirmChannel(closes chan *amqp.Error) *confirmChannel {
+	return &confirmChannel{barrier: make(chan chan struct{}), dead: make(chan struct{}), back: map[string]bool{}, closes: closes}
+}
+
+// closed is true once the channel is closed: amqp091 marks it closed
+// before it fails the pending confirms, the watcher ends later.
 func (c *confirmChannel) closed() bool {
+	if c.ch != nil && c.ch.IsClosed() {
+		return true
+	}
 	select {
 	case <-c.dead:
 		return true
@@ -111,27 +140,52 @@ func (c *confirmChannel) closed() bool {
 }
 
 // watch records returned publishes. amqp091 hands a basic.return over
-// before it processes the matching confirm, on the same goroutine; the
-// barrier request is served only after the return has been recorded.
+// before it processes the matching confirm, on the same goroutine; a
+// barrier request is served only once every return handed over before it
+// has been recorded, including those still in the channel's buffer.
 func (c *confirmChannel) watch(returns <-chan amqp.Return) {
+	defer close(c.dead)
 	for {
 		select {
 		case r, ok := <-returns:
 			if !ok {
-				close(c.dead)
 				return
 			}
-			if id, _ := r.Headers[PublishIDHeader].(string); id != "" {
-				c.mu.Lock()
-				c.back[id] = true
-				c.mu.Unlock()
-			}
+			c.record(r)
 		case done := <-c.barrier:
+			for drained := false; !drained; {
+				select {
+				case r, ok := <-returns:
+					if !ok {
+						close(done)
+						return
+					}
+					c.record(r)
+				default:
+					drained = true
+				}
+			}
 			close(done)
 		}
 	}
 }
 
+// record marks the publish a return belongs to. A return that matches no
+// publish in flight (its id header is missing or altered, or its publish
+// gave up waiting) is counted as a stray: it could be any of them.
+func (c *confirmChannel) record(r amqp.Return) {
+	id, _ := r.Headers[PublishIDHeader].(string)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if _, inFlight := c.back[id]; inFlight {
+		c.back[id] = true
+		return
+	}
+	c.strays++
+}
+
+// publish sends msg and returns nil only when the broker confirmed it and
+// the check that it did not return it completed; any doubt is an error.
 func (c *confirmChannel) publish(ctx context.Context, exchange, key string, msg amqp.Publishing) error {
 	id := publishID()
 	headers := make(amqp.Table, len(msg.Headers)+1)
@@ -140,7 +194,16 @@ func (c *confirmChannel) publish(ctx context.Context, exchange, key string, msg 
 	}
 	headers[PublishIDHeader] = id
 	msg.Headers = headers
-	conf, err := c.ch.PublishWithDeferredConfirmWithContext(ctx, exchange, key, true, false, msg)
+	c.mu.Lock()
+	c.back[id] = false
+	strays := c.strays
+	c.mu.Unlock()
+	defer func() {
+		c.mu.Lock()
+		delete(c.back, id)
+		c.mu.Unlock()
+	}()
+	conf, err := c.send(ctx, exchange, key, msg)
 	if err != nil {
 		return err
 	}
@@ -151,13 +214,17 @@ func (c *confirmChannel) publish(ctx context.Context, exchange, key string, msg 
 	if !acked {
 		return c.refusal()
 	}
-	c.sync(ctx)
+	if err := c.sync(ctx); err != nil {
+		return fmt.Errorf("the broker confirmed the message, but whether it routed it is unknown: %w", err)
+	}
 	c.mu.Lock()
-	returned := c.back[id]
-	delete(c.back, id)
+	returned, unmatched := c.back[id], c.strays != strays
 	c.mu.Unlock()
-	if returned {
+	switch {
+	case returned:
 		return ErrUnroutable
+	case unmatched:
+		return errors.New("the broker returned a message that matches no publish while this one was in flight: it may have been this one")
 	}
 	return nil
 }
@@ -183,14 +250,18 @@ func (c *confirmChannel) refusal() error {
 	return errors.New("the broker refused the message (basic.nack)")
 }
 
-// sync waits until every return handed over so far is recorded.
-func (c *confirmChannel) sync(ctx context.Context) {
+// sync waits until every return handed over so far is recorded, and
+// fails when ctx ends first.
+func (c *confirmChannel) sync(ctx context.Context) error {
 	done := make(chan struct{})
 	select {
 	case c.barrier <- done:
 		<-done
+		return nil
 	case <-c.dead:
+		return nil // the watcher recorded every return before it ended
 	case <-ctx.Done():
+		return ctx.Err()
 	}
 }
 
