@@ -75,7 +75,7 @@ func message(channel uint16, ctag string, tag uint64, headers []byte, body strin
 // writes what deliveries returns for the consumer tag, then answers the
 // closes.
 // It returns when the client goes away.
-func fakeBroker(conn net.Conn, deliveries func(channel uint16, ctag string) []byte) error {
+func fakeBroker(conn net.Conn, deliveries func(w io.Writer, channel uint16, ctag string) error) error {
 	defer conn.Close()
 	r := bufio.NewReader(conn)
 	if _, err := io.ReadFull(r, make([]byte, 8)); err != nil { // "AMQP" 0 0 9 1
@@ -117,7 +117,13 @@ func fakeBroker(conn net.Conn, deliveries func(channel uint16, ctag string) []by
 			q := payload[6:]
 			at := 1 + int(q[0]) // the consumer tag's length
 			tag := string(q[at+1 : at+1+int(q[at])])
-			out = cat(method(ch, 60, 21, shortstr(tag)), deliveries(ch, tag))
+			if _, err := conn.Write(method(ch, 60, 21, shortstr(tag))); err != nil {
+				return err
+			}
+			if err := deliveries(conn, ch, tag); err != nil {
+				return err
+			}
+			continue
 		}
 		if _, err := conn.Write(out); err != nil {
 			return err
@@ -128,9 +134,8 @@ func fakeBroker(conn net.Conn, deliveries func(channel uint16, ctag string) []by
 // fakeSession opens an amqp091 connection to a fakeBroker, through the
 // filter when refused is not nil, and consumes: it returns the
 // deliveries and the connection's close notifications.
-func fakeSession(t testing.TB, deliveries func(channel uint16, ctag string) []byte, refused *unreadable) (<-chan amqp.Delivery, <-chan *amqp.Error) {
+func fakeSession(t testing.TB, client, server net.Conn, deliveries func(w io.Writer, channel uint16, ctag string) error, refused *unreadable) (<-chan amqp.Delivery, <-chan *amqp.Error) {
 	t.Helper()
-	client, server := net.Pipe()
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -170,9 +175,37 @@ type sessionOutcome struct {
 	closed <-chan *amqp.Error
 }
 
-func fakeSessionOf(t testing.TB, deliveries func(channel uint16, ctag string) []byte, refused *unreadable) sessionOutcome {
-	d, closed := fakeSession(t, deliveries, refused)
+// fakeSessionOf is a fakeSession over net.Pipe whose broker writes the
+// bytes msgs returns.
+func fakeSessionOf(t testing.TB, msgs func(channel uint16, ctag string) []byte, refused *unreadable) sessionOutcome {
+	client, server := net.Pipe()
+	d, closed := fakeSession(t, client, server, func(w io.Writer, channel uint16, ctag string) error {
+		_, err := w.Write(msgs(channel, ctag))
+		return err
+	}, refused)
 	return sessionOutcome{d, closed}
+}
+
+// tcpPair is a connected pair of loopback TCP connections.
+func tcpPair(t testing.TB) (client, server net.Conn) {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, _ := l.Accept()
+		accepted <- c
+	}()
+	if client, err = net.Dial("tcp", l.Addr().String()); err != nil {
+		t.Fatal(err)
+	}
+	if server = <-accepted; server == nil {
+		t.Fatal("accept failed")
+	}
+	return client, server
 }
 
 // outcome is a delivery, or the error that closed the connection first.
