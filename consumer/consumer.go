@@ -2,7 +2,10 @@
 // declares the topology (topic exchange, queue, binding), sets the prefetch
 // window and starts consuming. A Session is single-use: when it ends,
 // because the broker or the network closed it or because it was cancelled,
-// the caller opens a new one. Reconnect policy lives in the driver.
+// the caller opens a new one. Reconnect policy lives in the driver. The
+// consuming connection reads through a frame filter (frames.go), so that
+// a message whose headers amqp091 cannot decode arrives with them emptied
+// (Session.Unreadable) instead of closing the connection.
 package consumer
 
 import (
