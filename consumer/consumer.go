@@ -2,18 +2,25 @@
 // declares the topology (topic exchange, queue, binding), sets the prefetch
 // window and starts consuming. A Session is single-use: when it ends,
 // because the broker or the network closed it or because it was cancelled,
-// the caller opens a new one. Reconnect policy lives in the driver.
+// the caller opens a new one. Reconnect policy lives in the driver. The
+// consuming connection reads through a frame filter (frames.go), so that
+// a message whose headers amqp091 cannot decode arrives with them emptied
+// (Session.Unreadable) instead of closing the connection.
 package consumer
 
 import (
 	"context"
 	"crypto/rand"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
+	"net/url"
 	"os"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -90,6 +97,9 @@ type Session struct {
 // dialed is the outcome of trying the URLs in turn.
 type dialed struct {
 	conn *amqp.Connection
+	// refused holds the deliveries whose headers the frame filter
+	// replaced.
+	refused *unreadable
 	// index of the URL connected to in Settings.URLs, and its redacted
 	// form; skipped holds why the URLs tried before it failed.
 	index   int
@@ -179,7 +189,7 @@ func (o *opening) abort() {
 // openPublisher dials the broker the session is on a second time, for
 // the copies. The session ends with either connection.
 func (sess *Session) openPublisher(ctx context.Context, s Settings, o *opening) error {
-	conn, err := dial(ctx, s.URLs[sess.index], s, " (copies)")
+	conn, err := dial(ctx, s.URLs[sess.index], s, " (copies)", nil)
 	if err != nil {
 		return fmt.Errorf("connect for publishing copies to %s: %w", sess.host, err)
 	}
@@ -205,9 +215,10 @@ func (sess *Session) openPublisher(ctx context.Context, s Settings, o *opening) 
 func dialAny(ctx context.Context, s Settings) (dialed, error) {
 	var errs []error
 	for i, u := range s.URLs {
-		conn, err := dial(ctx, u, s, "")
+		refused := new(unreadable)
+		conn, err := dial(ctx, u, s, "", refused)
 		if err == nil {
-			return dialed{conn: conn, index: i, host: config.Redacted(u), skipped: errors.Join(errs...)}, nil
+			return dialed{conn: conn, refused: refused, index: i, host: config.Redacted(u), skipped: errors.Join(errs...)}, nil
 		}
 		errs = append(errs, fmt.Errorf("connect to %s: %w", config.Redacted(u), err))
 		if ctx.Err() != nil {
@@ -220,33 +231,133 @@ func dialAny(ctx context.Context, s Settings) (dialed, error) {
 	return dialed{}, errors.Join(errs...)
 }
 
-// dial connects to url; role is added to the connection name.
-func dial(ctx context.Context, url string, s Settings, role string) (*amqp.Connection, error) {
+// dial connects to rawURL; role is added to the connection name. The
+// consuming connection (filter not nil) reads through a frameFilter,
+// which must see the AMQP frames, not TLS records: so dial does the TCP
+// and TLS steps that amqp.DialConfig would, and fills the amqp.Config as
+// it would from the URL, then hands the connection to amqp.Open.
+func dial(ctx context.Context, rawURL string, s Settings, role string, filter *unreadable) (*amqp.Connection, error) {
+	uri, err := amqp.ParseURI(rawURL)
+	if err != nil {
+		return nil, err
+	}
+	cfg, err := openConfig(uri, rawURL, s, role)
+	if err != nil {
+		return nil, err
+	}
 	timeout := s.DialTimeout
+	if timeout <= 0 && uri.ConnectionTimeout > 0 {
+		timeout = time.Duration(uri.ConnectionTimeout) * time.Millisecond
+	}
 	if timeout <= 0 {
 		timeout = 10 * time.Second
 	}
+	d := net.Dialer{Timeout: timeout}
+	conn, err := d.DialContext(ctx, "tcp", net.JoinHostPort(uri.Host, strconv.Itoa(uri.Port)))
+	if err != nil {
+		return nil, err
+	}
+	// Bounds the TLS and AMQP handshakes; amqp091 clears it once the
+	// connection is open and heartbeats take over.
+	if err := conn.SetDeadline(time.Now().Add(timeout)); err != nil {
+		conn.Close()
+		return nil, err
+	}
+	if uri.Scheme == "amqps" {
+		tc, err := tlsConfig(uri, s.TLS)
+		if err != nil {
+			conn.Close()
+			return nil, err
+		}
+		tconn := tls.Client(conn, tc)
+		if err := tconn.HandshakeContext(ctx); err != nil {
+			conn.Close()
+			return nil, err
+		}
+		conn = tconn
+	}
+	if filter != nil {
+		conn = newFrameFilter(conn, cfg.FrameSize, filter.add)
+	}
+	c, err := amqp.Open(conn, cfg)
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+// openConfig is the amqp.Config that amqp.DialConfig would build from
+// the URL (vhost, SASL mechanisms, heartbeat, channel max, frame size,
+// locale), with the connection's name and product.
+func openConfig(uri amqp.URI, rawURL string, s Settings, role string) (amqp.Config, error) {
 	props := amqp.NewConnectionProperties()
 	props.SetClientConnectionName(connectionName(s.Name) + role)
 	props["product"] = "krakend-contrib/async-amqp"
-	var tlsConfig *tls.Config
-	if s.TLS != nil {
-		tlsConfig = s.TLS.Clone() // amqp091 fills in ServerName per URL
+	cfg := amqp.Config{
+		Properties: props,
+		Vhost:      uri.Vhost,
+		ChannelMax: uri.ChannelMax,
+		FrameSize:  131072, // amqp091's default, RabbitMQ's frame_max
+		Heartbeat:  10 * time.Second,
+		Locale:     "en_US",
 	}
-	return amqp.DialConfig(url, amqp.Config{
-		Properties:      props,
-		TLSClientConfig: tlsConfig,
-		Dial: func(network, addr string) (net.Conn, error) {
-			d := net.Dialer{Timeout: timeout}
-			conn, err := d.DialContext(ctx, network, addr)
+	// amqp.URI keeps whether the URL set a heartbeat to itself; 0 is a
+	// value (no heartbeats), so read the query again.
+	if u, err := url.Parse(rawURL); err == nil && u.Query().Has("heartbeat") {
+		secs, err := strconv.ParseUint(u.Query().Get("heartbeat"), 10, 16)
+		if err != nil {
+			return cfg, fmt.Errorf("heartbeat is not an uint16: %w", err)
+		}
+		cfg.Heartbeat = time.Duration(secs) * time.Second
+	}
+	if len(uri.AuthMechanism) == 0 {
+		cfg.SASL = []amqp.Authentication{uri.PlainAuth()}
+	}
+	for _, m := range uri.AuthMechanism {
+		switch strings.ToUpper(m) {
+		case "PLAIN":
+			cfg.SASL = append(cfg.SASL, uri.PlainAuth())
+		case "AMQPLAIN":
+			cfg.SASL = append(cfg.SASL, uri.AMQPlainAuth())
+		case "EXTERNAL":
+			cfg.SASL = append(cfg.SASL, &amqp.ExternalAuth{})
+		default:
+			return cfg, fmt.Errorf("unsupported auth_mechanism: %v", m)
+		}
+	}
+	return cfg, nil
+}
+
+// tlsConfig is the session's TLS configuration, or the one the URL's
+// cacertfile, certfile, keyfile and server_name_indication describe, as
+// amqp091 builds it; the server name is the URL's host unless set.
+func tlsConfig(uri amqp.URI, base *tls.Config) (*tls.Config, error) {
+	var c *tls.Config
+	if base != nil {
+		c = base.Clone()
+	} else {
+		c = &tls.Config{ServerName: uri.ServerName, MinVersion: tls.VersionTLS12}
+		if uri.CACertFile != "" {
+			pem, err := os.ReadFile(uri.CACertFile)
 			if err != nil {
-				return nil, err
+				return nil, fmt.Errorf("read CA certificate: %w", err)
 			}
-			// Bounds the TLS and AMQP handshakes; amqp091 clears it once
-			// the connection is open and heartbeats take over.
-			return conn, conn.SetDeadline(time.Now().Add(timeout))
-		},
-	})
+			c.RootCAs = x509.NewCertPool()
+			c.RootCAs.AppendCertsFromPEM(pem)
+		}
+		if uri.CertFile != "" && uri.KeyFile != "" {
+			cert, err := tls.LoadX509KeyPair(uri.CertFile, uri.KeyFile)
+			if err != nil {
+				return nil, fmt.Errorf("load client certificate: %w", err)
+			}
+			c.Certificates = []tls.Certificate{cert}
+		}
+	}
+	if c.ServerName == "" {
+		c.ServerName = uri.Host
+	}
+	return c, nil
 }
 
 func setUp(d dialed, s Settings) (*Session, error) {
@@ -562,6 +673,14 @@ func (s *Session) failureQueue(name string) func() error {
 	}
 	return nil
 }
+
+// Unreadable tells whether the delivery with this tag arrived with its
+// headers replaced by an empty table, because amqp091 would have refused
+// them and closed the connection (see frames.go), and why; it forgets the
+// tag. The tag alone is enough: the consuming channel is the only one on
+// its connection that gets deliveries. It takes no lock unless some
+// delivery of the session had its headers replaced.
+func (s *Session) Unreadable(tag uint64) (reason string, ok bool) { return s.refused.take(tag) }
 
 // Host is the URL of the broker this session is connected to, with its
 // password redacted.
