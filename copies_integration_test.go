@@ -145,14 +145,16 @@ func TestPublisherCannotPickTheRetryDelay(t *testing.T) {
 	var log dispatchLog
 	be := failingOnce(t, &log)
 	const agent = "expiry"
-	const delay = time.Second
-	gw := startAgents(t, agentSpec{Name: agent, Topic: "k.#", Workers: 1, Backend: be.URL,
+	const delay = 2 * time.Second
+	gw := startAgents(t, agentSpec{Name: agent, Topic: "k.#", Workers: 2, Backend: be.URL,
 		Block: block(f.queue, f.exchange, map[string]interface{}{
-			"retry": map[string]interface{}{"max_attempts": 3, "delay": "1s", "max_delay": "1s"},
+			"retry": map[string]interface{}{"max_attempts": 3, "delay": "2s", "max_delay": "2s"},
 		})})
 	gw.waitPing(t, agent)
-	f.pub.Publish(f.exchange, "k.x", amqp.Publishing{MessageId: "hurry", Expiration: "60000", Body: []byte(`{}`)})
-	f.pub.Publish(f.exchange, "k.x", amqp.Publishing{MessageId: "short", Expiration: "5000", Body: []byte(`{}`),
+	// Long enough to be delivered from the work queue, much shorter than
+	// the retry delay.
+	f.pub.Publish(f.exchange, "k.x", amqp.Publishing{MessageId: "hurry", Expiration: "500", Body: []byte(`{}`)})
+	f.pub.Publish(f.exchange, "k.x", amqp.Publishing{MessageId: "short", Expiration: "500", Body: []byte(`{}`),
 		Headers: amqp.Table{"x-delay": int32(1)}})
 	brokertest.Eventually(t, 30*time.Second, "both retried", func() bool {
 		return len(log.of("hurry")) >= 2 && len(log.of("short")) >= 2
@@ -290,5 +292,70 @@ func declareQueue(t *testing.T, conn *amqp.Connection, name string) {
 	defer ch.Close()
 	if _, err := ch.QueueDeclare(name, true, false, false, false, nil); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// amqp091 refuses a header table or array of more than 8,192 entries and
+// used to close the connection on such a delivery: the message stayed at
+// the head of the queue, every session died before its first delivery,
+// and the agent gave up. It is now dead-lettered at once, without its
+// headers and without reaching the backend, and the messages behind it
+// flow; on a classic and on a quorum queue.
+func TestUnreadableHeadersDoNotStopTheAgent(t *testing.T) {
+	for _, kind := range []string{"classic", "quorum"} {
+		t.Run(kind, func(t *testing.T) {
+			f := newFixture(t)
+			dlq := brokertest.Name(t, "dlq")
+			brokertest.Cleanup(t, f.conn, dlq, "")
+			var log dispatchLog
+			be := newBackend(t, func(_ int, r received) int {
+				log.add(r)
+				return http.StatusOK
+			})
+			extra := map[string]interface{}{"retry": fastRetry(3), "dead_letter": map[string]interface{}{"queue": dlq}, "durable": true}
+			if kind == "quorum" {
+				extra["queue_args"] = map[string]interface{}{"x-queue-type": "quorum"}
+			}
+			const agent = "unreadable"
+			gw := startAgents(t, agentSpec{Name: agent, Topic: "k.#", Workers: 2, Backend: be.URL,
+				Block: block(f.queue, f.exchange, extra)})
+			gw.waitPing(t, agent)
+			big := make([]interface{}, 8193)
+			for i := range big {
+				big[i] = int32(i)
+			}
+			f.pub.Publish(f.exchange, "k.big", amqp.Publishing{MessageId: "big", Body: []byte(`{}`),
+				Headers: amqp.Table{"big": big, "tenant": "acme"}})
+			for i := range 5 {
+				f.pub.Publish(f.exchange, "k.ok", amqp.Publishing{MessageId: fmt.Sprint("ok-", i), Body: []byte(`{}`)})
+			}
+			brokertest.Eventually(t, 30*time.Second, "the unreadable message dead-lettered", func() bool { return ready(t, dlq) >= 1 })
+			brokertest.Eventually(t, 30*time.Second, "the messages behind it dispatched", func() bool {
+				for i := range 5 {
+					if len(log.of(fmt.Sprint("ok-", i))) == 0 {
+						return false
+					}
+				}
+				return true
+			})
+			f.waitEmpty(t)
+			if n := len(log.of("big")); n != 0 {
+				t.Errorf("the unreadable message was dispatched %d times", n)
+			}
+			dead := takeAll(t, f.conn, dlq)
+			if len(dead) != 1 || dead[0].MessageId != "big" {
+				t.Fatalf("dead letters %v, want the unreadable message", deadIDs(dead))
+			}
+			checkDeadLetter(t, dead[0], 1, agent, `header "big"`, "k.big")
+			if why, _ := dead[0].Headers["x-krakend-last-error"].(string); !strings.Contains(why, "8192") {
+				t.Errorf("dead letter reason %q does not say what was refused", why)
+			}
+			if _, ok := dead[0].Headers["big"]; ok {
+				t.Error("the dead letter carries the unreadable header")
+			}
+			if strings.Contains(gw.logs.String(), "giving up") || strings.Contains(gw.logs.String(), "session lost") {
+				t.Errorf("the agent lost its session:\n%s", gw.logs.String())
+			}
+		})
 	}
 }

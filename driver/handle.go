@@ -15,6 +15,9 @@ func (a *Agent) handle(ctx, bound context.Context, f *flow, d *amqp.Delivery) {
 	a.metrics.onReceived()
 	a.received.Add(1)
 	m := &message{d: d, exchange: d.Exchange, key: d.RoutingKey, bound: bound}
+	if f.unreadable != nil {
+		m.unreadable, _ = f.unreadable(d.DeliveryTag)
+	}
 	ctx, span := a.tracing.begin(ctx, d)
 	outcome, r := a.safely(ctx, f, m)
 	a.tracing.end(span, m, outcome, r)
@@ -117,10 +120,15 @@ func (a *Agent) processAutoAcked(ctx context.Context, m *message) (string, resul
 	return OutcomeAutoAcked, r
 }
 
-// unfit tells whether a message must not reach the backend: it is too
-// large, or it was parked because its dead letter could not be made
-// (tried again now, when a dead-letter destination is still configured).
+// unfit tells whether a message must not reach the backend: its headers
+// could not be read, it is too large, or it was parked because its dead
+// letter could not be made (tried again now, when a dead-letter
+// destination is still configured).
 func (a *Agent) unfit(m *message) (result, bool) {
+	if m.unreadable != "" {
+		return result{reason: "its headers could not be read (" + m.unreadable + "): they were dropped and it is not sent to the backend",
+			kind: kindUnreadable}, true
+	}
 	if m.parked != "" && a.opts.DeadLetter.Enabled() {
 		reason := m.lastError
 		if reason == "" {

@@ -170,8 +170,7 @@ func (h *held) sleep(d time.Duration) bool {
 func (h *held) full() bool { return h.count() >= h.most }
 
 // retryAll tries every held copy once and tells whether any was let go.
-// When the share is full, a single refusal that will not pass is enough
-// to give a copy up.
+// When the share is full, fewer refusals are enough to give a copy up.
 func (h *held) retryAll() bool {
 	full := h.full()
 	h.mu.Lock()
@@ -217,7 +216,9 @@ func (h *held) retry(c *heldCopy, full bool) (gone bool) {
 	}
 	c.refusals++
 	c.err = err
-	if c.refusals < refusalsBeforePark && !full {
+	// A refusal closes the publishing channel for every copy on it: one
+	// may be another copy's. When the share is full, two are enough.
+	if c.refusals < refusalsBeforePark && (!full || c.refusals < 2) {
 		return false
 	}
 	return h.giveUp(c)

@@ -27,6 +27,10 @@ type flow struct {
 	session
 	settler settler
 	held    *held
+	// unreadable tells whether the client library could not read a
+	// delivery's headers (they arrive empty) and why; nil when the
+	// session cannot tell.
+	unreadable func(tag uint64) (string, bool)
 }
 
 // ended tells whether the session's channel closed: its deliveries can

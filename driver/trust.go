@@ -35,6 +35,9 @@ type message struct {
 	parked string
 	// lastError is why a parked message failed.
 	lastError string
+	// unreadable is why the client library could not read the message's
+	// headers; they arrived empty.
+	unreadable string
 	// outcome is set once an ack or nack was handed over for it.
 	outcome string
 	// bound ends when the dispatch and the copies of the message must

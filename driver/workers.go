@@ -12,6 +12,11 @@ import (
 // (acks.go), or on the spot with auto_ack.
 func (a *Agent) consume(ctx, bound context.Context, sess session, workers int) {
 	f := &flow{session: sess, settler: directSettler{a}}
+	if u, ok := sess.(interface {
+		Unreadable(tag uint64) (string, bool)
+	}); ok {
+		f.unreadable = u.Unreadable
+	}
 	if !a.opts.Session.AutoAck {
 		q := newAcks(a, a.opts.Session.PrefetchCount)
 		defer q.close()
