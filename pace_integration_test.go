@@ -247,3 +247,62 @@ func publishByKey(t *testing.T, f fixture, keys, perKey int) {
 		}
 	}
 }
+
+// When the channel dies, the messages waiting behind a busy key belong
+// to a session whose acks can no longer succeed: they are not dispatched
+// by it (that would make each one a certain duplicate), and the next
+// session takes them from the broker.
+func TestOrderedLinesOfADeadSessionAreNotDispatched(t *testing.T) {
+	f := newFixture(t)
+	var log dispatchLog
+	started, release := make(chan struct{}, 1), make(chan struct{})
+	be := newBackend(t, func(_ int, r received) int {
+		log.add(r)
+		if r.Header.Get("X-Amqp-Message-Id") == "a-0" && len(log.of("a-0")) == 1 {
+			started <- struct{}{}
+			<-release // until the connection is cut
+		}
+		return http.StatusOK
+	})
+	const agent = "ordered-cut"
+	spec := agentSpec{Name: agent, Topic: "k.#", Workers: 4, Backend: be.URL,
+		Block: block(f.queue, f.exchange, map[string]interface{}{"ordering_key": "routing_key", "prefetch_count": 20})}
+	gw := startRaw(t, withConnection(spec.entry(), 10, "linear"))
+	gw.waitPing(t, agent)
+	const behind = 6
+	for i := range behind + 1 {
+		f.pub.Publish(f.exchange, "k.a", amqp.Publishing{MessageId: fmt.Sprint("a-", i), Body: []byte(`{}`)})
+	}
+	select {
+	case <-started:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the first message of the key never reached the backend")
+	}
+	// Every message of the key is delivered and waits behind a-0.
+	brokertest.Eventually(t, 10*time.Second, "the key's messages delivered", func() bool {
+		_, unacked := brokertest.Counts(t, f.queue)
+		return unacked == behind+1
+	})
+	n := brokertest.CloseConnections(t, "krakend-amqp "+agent+"@")
+	close(release)
+	if n != 2 {
+		t.Fatalf("closed %d connections, want the agent's two", n)
+	}
+	brokertest.Eventually(t, 30*time.Second, "every message dispatched", func() bool {
+		for i := 1; i <= behind; i++ {
+			if len(log.of(fmt.Sprint("a-", i))) == 0 {
+				return false
+			}
+		}
+		return true
+	})
+	f.waitEmpty(t)
+	for i := 1; i <= behind; i++ {
+		if n := len(log.of(fmt.Sprint("a-", i))); n != 1 {
+			t.Errorf("a-%d dispatched %d times, want once: its dead session must not send it", i, n)
+		}
+	}
+	if n := len(log.of("a-0")); n > 2 {
+		t.Errorf("a-0 dispatched %d times, want at most twice (in flight at the cut)", n)
+	}
+}

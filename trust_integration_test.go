@@ -23,9 +23,12 @@ import (
 // driver's own headers on its messages: a forged attempt counter (out of
 // range, to crash the failure path, or high, to skip the retries), a
 // forged origin (to change the routing key the backend sees and where the
-// dead letter goes), a forged x-death naming the agent's retry queue. None
-// of it is believed: the agent survives, every message gets its retries,
-// and the backend and the dead letter see the real routing key.
+// dead letter goes), a forged x-death naming the agent's retry queue, and
+// the headers the broker acts on when the driver publishes a copy (CC,
+// BCC, a malformed x-death, plugin headers). None of it is believed or
+// passed to the broker: the agent survives, every message gets exactly
+// its retries, and the backend and the dead letter see the real routing
+// key.
 func TestHostilePublisherCannotCrashSpoofOrSkipRetries(t *testing.T) {
 	f := newFixture(t)
 	dlq := brokertest.Name(t, "dlq")
@@ -67,12 +70,18 @@ func TestHostilePublisherCannotCrashSpoofOrSkipRetries(t *testing.T) {
 		"spoofed":       spoof,
 		"always-skip":   {"x-krakend-attempts": int64(2), "x-death": forgedDeath},
 		"always-origin": spoof,
+		// What the broker acts on when the driver publishes a copy (see
+		// copies_integration_test.go for each case on its own).
+		"cc":             {"CC": []interface{}{f.queue, retryQueue}},
+		"always-bcc":     {"BCC": []interface{}{f.queue}},
+		"bad-death":      {"x-death": []interface{}{"not a table"}},
+		"always-delayed": {"x-delay": int32(-1), "x-first-death-queue": f.queue, "x-krakend-kept-CC": []interface{}{f.queue}},
 	}
 	for id, h := range messages {
 		f.pub.Publish(f.exchange, "k."+id, amqp.Publishing{MessageId: id, Headers: h, Body: []byte(`{}`)})
 	}
 	f.pub.Publish(f.exchange, "k.after", amqp.Publishing{MessageId: "after", Body: []byte(`{}`)})
-	brokertest.Eventually(t, 30*time.Second, "both always-failing messages dead-lettered", func() bool { return ready(t, dlq) >= 2 })
+	brokertest.Eventually(t, 30*time.Second, "the always-failing messages dead-lettered", func() bool { return ready(t, dlq) >= 4 })
 	f.waitEmpty(t)
 
 	for id := range messages {
@@ -94,8 +103,8 @@ func TestHostilePublisherCannotCrashSpoofOrSkipRetries(t *testing.T) {
 		}
 	}
 	dead := takeAll(t, f.conn, dlq)
-	if got := deadIDs(dead); len(got) != 2 {
-		t.Fatalf("dead letters %v, want the two always-failing messages", got)
+	if got := deadIDs(dead); len(got) != 4 {
+		t.Fatalf("dead letters %v, want the four always-failing messages", got)
 	}
 	for _, d := range dead {
 		checkDeadLetter(t, d, 3, agent, "500", "k."+d.MessageId)
