@@ -265,7 +265,7 @@ func TestOrderedLinesOfADeadSessionAreNotDispatched(t *testing.T) {
 		return http.StatusOK
 	})
 	const agent = "ordered-cut"
-	spec := agentSpec{Name: agent, Topic: "k.#", Workers: 4, Backend: be.URL,
+	spec := agentSpec{Name: agent, Topic: "k.#", Workers: 4, Backend: be.URL, Timeout: "60s",
 		Block: block(f.queue, f.exchange, map[string]interface{}{"ordering_key": "routing_key", "prefetch_count": 20})}
 	gw := startRaw(t, withConnection(spec.entry(), 10, "linear"))
 	gw.waitPing(t, agent)
