@@ -145,13 +145,18 @@ func restored(d *amqp.Delivery) *amqp.Delivery {
 			v.Headers[k] = val
 		}
 	}
-	if s, ok := name(d.Headers[HeaderOriginalUserID]); ok {
-		v.UserId = s
-	}
-	if s, ok := name(d.Headers[HeaderOriginalReplyTo]); ok {
-		v.ReplyTo = s
-	}
+	v.UserId = shortString(d.Headers[HeaderOriginalUserID])
+	v.ReplyTo = shortString(d.Headers[HeaderOriginalReplyTo])
 	return &v
+}
+
+// shortString reads a property kept in a header: any text that fits an
+// AMQP short string, else "".
+func shortString(v interface{}) string {
+	if s, ok := v.(string); ok && len(s) <= maxNameLength {
+		return s
+	}
+	return ""
 }
 
 // parkedReason reads the reason a copy was parked with; "" when it was

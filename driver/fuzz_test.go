@@ -2,6 +2,7 @@ package driver
 
 import (
 	"encoding/binary"
+	"fmt"
 	"math"
 	"net/http"
 	"slices"
@@ -34,7 +35,8 @@ func (in *fuzzInput) byte() byte { return in.next(1)[0] }
 func (in *fuzzInput) text() string { return string(in.next(int(in.byte()))) }
 
 // keys the driver reads, so that the fuzzer reaches them often.
-var fuzzKeys = []string{"x-death", HeaderAttempts, HeaderOriginalRoutingKey, HeaderOriginalExchange, "traceparent", "tracestate", "baggage", HeaderThrottles}
+var fuzzKeys = []string{"x-death", HeaderAttempts, HeaderOriginalRoutingKey, HeaderOriginalExchange, "traceparent", "tracestate", "baggage", HeaderThrottles,
+	"CC", "BCC", "x-delay", "x-first-death-queue", HeaderParked, HeaderLastError, keptPrefix + "CC", HeaderOriginalUserID, HeaderOriginalReplyTo}
 
 func (in *fuzzInput) key() string {
 	if k := in.byte(); int(k) < len(fuzzKeys) {
@@ -109,7 +111,8 @@ func (in *fuzzInput) delivery(back bool, retryQueue string) *amqp.Delivery {
 	d := &amqp.Delivery{
 		Exchange: in.text(), RoutingKey: in.text(), MessageId: in.text(), CorrelationId: in.text(),
 		ContentType: in.text(), ContentEncoding: in.text(), ReplyTo: in.text(), Type: in.text(),
-		AppId: in.text(), UserId: in.text(), Redelivered: in.byte()%2 == 0, DeliveryTag: 1,
+		AppId: in.text(), UserId: in.text(), Expiration: in.text(), Priority: in.byte(), DeliveryMode: in.byte() % 3,
+		Redelivered: in.byte()%2 == 0, DeliveryTag: 1,
 		Headers: in.table(0), Body: in.next(int(in.byte())),
 	}
 	if back {
@@ -213,7 +216,7 @@ func FuzzFailure(f *testing.F) {
 			if !slices.Contains(a.opts.Session.RetryDelays, dec.delay) {
 				t.Fatalf("retry delay %s is none of the declared %v", dec.delay, a.opts.Session.RetryDelays)
 			}
-			if dead.Enabled() && dec.attempt >= maxAttempts {
+			if dead.Enabled() && dec.attempt >= maxAttempts && dec.park == "" {
 				t.Fatalf("retried after the last attempt although %+v is configured", dead)
 			}
 		case dec.broker:
@@ -238,8 +241,45 @@ func FuzzFailure(f *testing.F) {
 		if c.Headers[HeaderAttempts] != int64(dec.attempt) {
 			t.Fatalf("copy counts %v attempts, want %d", c.Headers[HeaderAttempts], dec.attempt)
 		}
-		if err := c.Headers.Validate(); err != nil {
-			t.Fatalf("the copy cannot be published: %v", err)
-		}
+		checkCopy(t, m, c)
 	})
 }
+
+// checkCopy checks that a copy carries nothing a broker acts on, can be
+// published, and comes back from a retry queue as its message was.
+func checkCopy(t *testing.T, m *message, c amqp.Publishing) {
+	t.Helper()
+	if err := c.Headers.Validate(); err != nil {
+		t.Fatalf("the copy cannot be published: %v", err)
+	}
+	if c.UserId != "" || c.Expiration != "" || c.ReplyTo != "" {
+		t.Fatalf("the copy carries user_id %q, expiration %q, reply_to %q", c.UserId, c.Expiration, c.ReplyTo)
+	}
+	for k := range c.Headers {
+		if interpreted(k) || len(k) > maxNameLength {
+			t.Fatalf("the copy carries header %q", k)
+		}
+		if driverHeader(k) && !strings.HasPrefix(k, keptPrefix) && !slices.Contains(driverHeaders, k) {
+			t.Fatalf("the copy carries %q, which the driver does not write", k)
+		}
+		if k == HeaderParked {
+			t.Fatalf("a copy made by copyOf carries %s", HeaderParked)
+		}
+	}
+	back := restored(&amqp.Delivery{Headers: c.Headers})
+	for k, v := range m.d.Headers {
+		if driverHeader(k) || len(keptPrefix)+len(k) > maxNameLength && interpreted(k) {
+			continue
+		}
+		if fmt.Sprint(back.Headers[k]) != fmt.Sprint(v) {
+			t.Fatalf("header %q comes back as %v, want %v", k, back.Headers[k], v)
+		}
+	}
+	if back.UserId != m.d.UserId && len(m.d.UserId) <= maxNameLength || back.ReplyTo != m.d.ReplyTo && len(m.d.ReplyTo) <= maxNameLength {
+		t.Fatalf("user_id %q and reply_to %q come back as %q and %q", m.d.UserId, m.d.ReplyTo, back.UserId, back.ReplyTo)
+	}
+}
+
+// driverHeaders are the headers copyOf writes.
+var driverHeaders = []string{HeaderAttempts, HeaderThrottles, HeaderLastError, HeaderOriginalExchange, HeaderOriginalRoutingKey,
+	HeaderOriginalUserID, HeaderOriginalReplyTo}
