@@ -46,6 +46,22 @@ func TestMetricsCountRefusedAcksAsUnsettled(t *testing.T) {
 	}
 }
 
+// A pipeline that panics is a failed dispatch: its duration carries
+// error.type "panic", as the other failures carry theirs.
+func TestMetricsRecordAPanickingDispatchAsAFailure(t *testing.T) {
+	rec := newMeterRecorder()
+	a := New(Options{Name: "m", Workers: 1, Timeout: time.Minute, Logger: logging.NoOp, MeterProvider: rec, NackDiscard: true,
+		Proxy: func(context.Context, *proxy.Request) (*proxy.Response, error) { panic("pipeline bug") }})
+	a.work(context.Background(), context.Background(), a.flowOf(deliveries(&fakeAcker{}, "ok")))
+	got := rec.snapshot()
+	if got["messaging.process.duration/"] != 1 || got["messaging.process.duration/error.type=panic/"] != 1 {
+		t.Errorf("a panicking dispatch is not recorded with error.type panic: %v", got)
+	}
+	if got["krakend.amqp.dispatches.in_flight/"] != 0 {
+		t.Errorf("in flight after the panic: %v", got)
+	}
+}
+
 func TestJudgeClassesFailures(t *testing.T) {
 	for _, tc := range []struct {
 		resp *proxy.Response
