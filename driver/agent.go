@@ -160,8 +160,9 @@ func New(opts Options) *Agent {
 	if a.opts.BackPressure {
 		a.pressure = newPressure(a.opts.Workers, a.onPressure)
 	}
-	a.metrics = newMetrics(a.opts.MeterProvider, a.opts.Name, a.opts.Session.Queue, a.pressureState)
-	a.tracing = newTracing(a.opts.TracerProvider, a.opts.Propagator, a.opts.Name, a.opts.Session.Topology)
+	telemetry := &guard{log: a.log}
+	a.metrics = newMetrics(a.opts.MeterProvider, a.opts.Name, a.opts.Session.Queue, a.pressureState, telemetry)
+	a.tracing = newTracing(a.opts.TracerProvider, a.opts.Propagator, a.opts.Name, a.opts.Session.Topology, telemetry)
 	if p := a.opts.Session.PrefetchCount; p > 0 && p < a.opts.Workers && !a.opts.Session.AutoAck {
 		a.log.Warning(fmt.Sprintf("prefetch_count %d is below consumer.workers %d: only %d workers can have a message at a time", p, a.opts.Workers, p))
 	}
