@@ -77,7 +77,7 @@ func TestAcksSettleEveryTagOnceWhateverTheOrder(t *testing.T) {
 		{"unlimited prefetch", 1000, 0, 8, 11},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			a := New(Options{Name: "acks", Logger: logging.NoOp})
+			a := mustNew(Options{Name: "acks", Logger: logging.NoOp})
 			ch := newBrokerChannel(tc.n)
 			q := newAcks(a, tc.prefetch)
 			tags := make(chan uint64)
@@ -123,7 +123,7 @@ func TestAcksSettleEveryTagOnceWhateverTheOrder(t *testing.T) {
 func fails(tag uint64, each int) bool { return each > 0 && tag%uint64(each) == 0 }
 
 func TestAcksBatchConsecutiveTags(t *testing.T) {
-	a := New(Options{Name: "acks", Logger: logging.NoOp})
+	a := mustNew(Options{Name: "acks", Logger: logging.NoOp})
 	ch := newBrokerChannel(100)
 	q := newAcks(a, 200)
 	// Held back: the settler cannot run until the requests are queued.
@@ -140,7 +140,7 @@ func TestAcksBatchConsecutiveTags(t *testing.T) {
 }
 
 func TestAcksDoNotHoldAFullWindowBehindASlowMessage(t *testing.T) {
-	a := New(Options{Name: "acks", Logger: logging.NoOp})
+	a := mustNew(Options{Name: "acks", Logger: logging.NoOp})
 	ch := newBrokerChannel(21)
 	q := newAcks(a, 20)
 	// Tag 1 is slow; tags 2..11 finish: half the window is then acked one
@@ -181,7 +181,7 @@ func runtimeGosched() { time.Sleep(time.Millisecond) }
 // finished after it are acked at once, one by one, not after half the
 // window, and the held one is acked on its own once its copy is made.
 func TestAcksDoNotWaitOnAHeldMessage(t *testing.T) {
-	a := New(Options{Name: "acks", Logger: logging.NoOp})
+	a := mustNew(Options{Name: "acks", Logger: logging.NoOp})
 	ch := newBrokerChannel(4)
 	q := newAcks(a, 20)
 	held := &message{d: &amqp.Delivery{Acknowledger: ch, DeliveryTag: 1}}
@@ -240,7 +240,7 @@ func TestAcksStateStaysBoundedBehindAStuckTag(t *testing.T) {
 	const n = 100_000
 	for _, held := range []bool{true, false} {
 		t.Run(fmt.Sprintf("held %t", held), func(t *testing.T) {
-			a := New(Options{Name: "acks", Logger: logging.NoOp})
+			a := mustNew(Options{Name: "acks", Logger: logging.NoOp})
 			ch := &tallyAcker{unacked: 1, settled: map[uint64]int{}}
 			q := newAcks(a, 20)
 			if held {

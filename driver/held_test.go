@@ -40,7 +40,7 @@ func (s *refusingSession) Publish(ctx context.Context, exchange, key string, msg
 // the message is acked once its copy is made.
 func TestHeldMessagesAreNotDispatchedAgain(t *testing.T) {
 	var calls atomic.Int64
-	a := New(Options{
+	a := mustNew(Options{
 		Name: "holder", Workers: 1, Timeout: time.Second, Logger: logging.NoOp,
 		Session: consumer.Settings{Topology: consumer.Topology{Queue: "work"}, PrefetchCount: 10},
 		Retry:   config.Retry{MaxAttempts: 3, Delay: 10 * time.Millisecond, MaxDelay: 40 * time.Millisecond, Multiplier: 2},
@@ -85,7 +85,7 @@ func TestHeldMessagesAreNotDispatchedAgain(t *testing.T) {
 // What is still held when the session ends goes back to the queue with
 // it: neither acked nor nacked by the driver.
 func TestHeldMessagesGoBackWithTheSession(t *testing.T) {
-	a := New(Options{
+	a := mustNew(Options{
 		Name: "holder", Workers: 1, Timeout: time.Second, Logger: logging.NoOp,
 		Session: consumer.Settings{Topology: consumer.Topology{Queue: "work"}, PrefetchCount: 10},
 		Retry:   config.Retry{MaxAttempts: 3, Delay: time.Hour, MaxDelay: time.Hour, Multiplier: 2},
@@ -112,7 +112,7 @@ func TestHeldMessagesGoBackWithTheSession(t *testing.T) {
 // dead-lettered at once, with the reason.
 func TestTooLargeIsDeadLetteredUndispatched(t *testing.T) {
 	var calls atomic.Int64
-	a := New(Options{
+	a := mustNew(Options{
 		Name: "sizer", Workers: 1, Timeout: time.Second, Logger: logging.NoOp, MaxBodyBytes: 8,
 		Session:    consumer.Settings{Topology: consumer.Topology{Queue: "work"}},
 		DeadLetter: config.DeadLetter{Queue: "dead"},

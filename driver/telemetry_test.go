@@ -148,7 +148,7 @@ func TestPanicInTheBuildsTelemetryIsRecoveredAndLoggedOnce(t *testing.T) {
 				dispatched.Add(1)
 				return &proxy.Response{IsComplete: true, Metadata: proxy.Metadata{StatusCode: 200}}, nil
 			}
-			a := New(opts)
+			a := mustNew(opts)
 			const n = 3
 			ch := make(chan amqp.Delivery, n)
 			acker := &fakeAcker{}
