@@ -62,6 +62,11 @@ func validate(agent *luraconfig.AsyncAgent, cfg config.Config, parseErr error) (
 	}
 	if needsTopic(cfg) && strings.TrimSpace(agent.Consumer.Topic) == "" {
 		errs = append(errs, fmt.Errorf("agent %q: consumer.topic: required: the routing key the queue is bound with (\"#\" takes every message)", agent.Name))
+	} else if parseErr == nil && len(cfg.RoutingKeys) == 0 {
+		// Parse checked routing_keys; the binding is consumer.topic.
+		if err := cfg.CheckDeadLetterLoop(agent.Consumer.Topic); err != nil {
+			errs = append(errs, blockErrors(agent, err))
+		}
 	}
 	if agent.Consumer.MaxRate < 0 {
 		errs = append(errs, fmt.Errorf("agent %q: consumer.max_rate: must be 0 (unlimited) or more, got %v", agent.Name, agent.Consumer.MaxRate))

@@ -514,12 +514,28 @@ func TestConsumerTagAndConnectionNameAreVisible(t *testing.T) {
 	}
 }
 
+// The agent pings at every health_interval (1s in the harness) while it
+// consumes: over a 5 s window about 5 pings, with generous bounds for a
+// busy machine, neither a flood nor silence.
 func TestHealthPingsEveryInterval(t *testing.T) {
 	f := newFixture(t)
 	be := newBackend(t, nil)
 	gw := startAgents(t, agentSpec{Name: "health", Topic: "k", Workers: 1, Backend: be.URL, Block: block(f.queue, f.exchange, nil)})
-	for range 3 {
-		gw.waitPing(t, "health")
+	gw.waitPing(t, "health")
+	const window = 5 * time.Second
+	pings, end := 0, time.After(window)
+	for counting := true; counting; {
+		select {
+		case name := <-gw.ping:
+			if name == "health" {
+				pings++
+			}
+		case <-end:
+			counting = false
+		}
+	}
+	if pings < 2 || pings > 8 {
+		t.Errorf("%d pings in %s with health_interval 1s, want about 5 (2 to 8)", pings, window)
 	}
 }
 

@@ -3,7 +3,10 @@
 package asyncamqp_test
 
 import (
+	"io"
+	"net/http"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -71,17 +74,57 @@ func TestWrongCredentialsAreReportedWithoutThePassword(t *testing.T) {
 	}
 }
 
+// At shutdown, dispatches already running get shutdown_timeout (here
+// consumer.timeout, 1s) plus one second: the agents return within that
+// bound, with a margin for a busy machine, but not before the hung
+// dispatches were cut (the agent returns only once every worker has
+// ended; here each is cut by its own 1s timeout, or by the bound).
 func TestStopReturnsWithinTheDispatchBound(t *testing.T) {
+	const (
+		timeout = time.Second
+		bound   = timeout + time.Second // shutdown_timeout (default consumer.timeout) + 1s
+		margin  = 3 * time.Second
+	)
 	f := newFixture(t)
 	release := make(chan struct{})
 	defer close(release)
 	be := newBackend(t, nil)
-	be.Config.Handler = gate(be, release) // every dispatch hangs
-	gw := startAgents(t, agentSpec{Name: "hang", Topic: "k", Workers: 2, Timeout: "1s", Backend: be.URL, Block: block(f.queue, f.exchange, nil)})
+	var mu sync.Mutex
+	var arrived []time.Time
+	// Every dispatch hangs until the agent cancels it.
+	be.Config.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		be.inFlight.Add(1)
+		defer be.inFlight.Add(-1)
+		_, _ = io.Copy(io.Discard, r.Body) // then the server sees the client go
+		mu.Lock()
+		arrived = append(arrived, time.Now())
+		mu.Unlock()
+		select {
+		case <-r.Context().Done():
+		case <-release:
+		}
+	})
+	gw := startAgents(t, agentSpec{Name: "hang", Topic: "k", Workers: 2, Timeout: timeout.String(), Backend: be.URL, Block: block(f.queue, f.exchange, nil)})
 	gw.waitPing(t, "hang")
 	f.pub.PublishN(f.exchange, "k", 10, jsonBody)
 	brokertest.Eventually(t, 10*time.Second, "two hung dispatches", func() bool { return be.inFlight.Load() == 2 })
-	gw.stop(t) // fails the test if the agents do not return
+	start := time.Now()
+	gw.stop(t) // fails the test if the agents do not return within 30s
+	returned := time.Now()
+	if took := returned.Sub(start); took > bound+margin {
+		t.Errorf("the agents returned %s after the stop, want within the bound of %s (+%s margin)", took.Round(time.Millisecond), bound, margin)
+	}
+	t.Logf("the agents returned %s after the stop", returned.Sub(start).Round(time.Millisecond))
+	mu.Lock()
+	last := arrived[len(arrived)-1]
+	mu.Unlock()
+	// A dispatch ends at its timeout at the earliest: the client started
+	// it a little before the backend saw it.
+	if cutAt := last.Add(timeout - 100*time.Millisecond); returned.Before(cutAt) {
+		t.Errorf("the agents returned %s after the last dispatch began, before its %s timeout cut it",
+			returned.Sub(last).Round(time.Millisecond), timeout)
+	}
+	brokertest.Eventually(t, 5*time.Second, "the backend to see both dispatches cancelled", func() bool { return be.inFlight.Load() == 0 })
 	// The hung dispatches timed out and were nacked: all 10 are back.
 	brokertest.Eventually(t, 10*time.Second, "all messages back in the queue", func() bool {
 		ready, unacked := brokertest.Counts(t, f.queue)

@@ -87,7 +87,11 @@ func start(ctx context.Context, opts async.Options, s settings) bool {
 	warnIdleConns(logger, prefix, opts.Agent.Consumer.Workers)
 	agentOpts := agentOptions(opts, p.cfg, p.tls)
 	agentOpts.MeterProvider, agentOpts.TracerProvider, agentOpts.Propagator = s.providers(logger, prefix)
-	agent := driver.New(agentOpts)
+	agent, err := driver.New(agentOpts)
+	if err != nil {
+		logger.Error(prefix, "not started, invalid configuration:", strings.ReplaceAll(err.Error(), "\n", "; "))
+		return true
+	}
 	opts.G.Go(func() error {
 		_ = agent.Run(ctx)
 		return nil

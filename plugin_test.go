@@ -413,6 +413,29 @@ func TestPluginCheck(t *testing.T) {
 			wantPattern: []string{"/events/{{.Routing_key}}"},
 		},
 		{
+			name: "dead letters routed back to the queue by consumer.topic",
+			modify: func(a *luraconfig.AsyncAgent) {
+				a.ExtraConfig[asyncamqp.Namespace] = unitBlock(map[string]interface{}{
+					"dead_letter": map[string]interface{}{"exchange": "unit-exchange", "routing_key": "orders.dead"}})
+			},
+			want: []string{`agent "unit": extra_config.async/amqp.dead_letter.routing_key`, `"orders.*"`, "forever"},
+		},
+		{
+			name: "dead letters on the own exchange with a key consumer.topic does not match",
+			modify: func(a *luraconfig.AsyncAgent) {
+				a.ExtraConfig[asyncamqp.Namespace] = unitBlock(map[string]interface{}{
+					"dead_letter": map[string]interface{}{"exchange": "unit-exchange", "routing_key": "dead.orders"}})
+			},
+			wantPattern: []string{"/events/{{.Routing_key}}"},
+		},
+		{
+			name: "ordering_key without a prefetch limit",
+			modify: func(a *luraconfig.AsyncAgent) {
+				a.ExtraConfig[asyncamqp.Namespace] = unitBlock(map[string]interface{}{"ordering_key": "routing_key", "prefetch_count": 0})
+			},
+			want: []string{`agent "unit": extra_config.async/amqp.prefetch_count`, "ordering_key", "set prefetch_count to 1 or more"},
+		},
+		{
 			name:   "block not an object",
 			modify: func(a *luraconfig.AsyncAgent) { a.ExtraConfig[asyncamqp.Namespace] = []interface{}{} },
 			want:   []string{`agent "unit": extra_config.async/amqp: the block must be an object`},

@@ -219,12 +219,11 @@ func (c Config) validate(block map[string]interface{}, bad map[string]bool) []er
 	if !bad["queue_args"] {
 		errs = append(errs, c.checkQueueArgs()...)
 	}
-	if !bad["retry"] && c.Retry.MaxDelay < c.Retry.Delay {
-		errs = append(errs, &FieldError{Field: "retry.max_delay", Reason: fmt.Sprintf(
-			"must not be shorter than retry.delay (%s), got %s", c.Retry.Delay, c.Retry.MaxDelay)})
-	} else if n := len(c.Retry.RetryDelays()); n > MaxRetryQueues {
-		errs = append(errs, &FieldError{Field: "retry", Reason: fmt.Sprintf(
-			"delay, multiplier and max_delay give more than %d distinct delays, one retry queue each: raise the multiplier", MaxRetryQueues)})
+	if !bad["retry"] {
+		errs = append(errs, c.Retry.checkDelays()...)
+	}
+	if c.OrderingKey != "" && c.PrefetchCount == 0 && !c.AutoAck && !bad["prefetch_count"] {
+		errs = append(errs, errUnboundedOrdering)
 	}
 	_, hasRetry := block["retry"]
 	_, hasDead := block["dead_letter"]
@@ -236,8 +235,137 @@ func (c Config) validate(block map[string]interface{}, bad map[string]bool) []er
 	}
 	if !bad["dead_letter"] {
 		errs = append(errs, c.DeadLetter.validate()...)
+		// consumer.topic, the binding when routing_keys is empty, is
+		// the agent's: CheckDeadLetterLoop checks it then.
+		if err := c.DeadLetter.CheckLoop(c.Queue, c.Exchange, c.ExchangeType, c.RoutingKeys); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	return errs
+}
+
+// errUnboundedOrdering refuses ordering_key without a prefetch limit.
+var errUnboundedOrdering = &FieldError{Field: "prefetch_count", Reason: "0 (no limit) cannot be combined with ordering_key: " +
+	"the messages waiting behind a busy key would pile up in memory without bound; " +
+	fmt.Sprintf("set prefetch_count to 1 or more (the default is %d), or remove ordering_key", DefaultPrefetchCount)}
+
+// CheckOrdering checks an ordering key given in code ("" for none) as
+// Parse checks ordering_key, and refuses it with no prefetch limit: each
+// key's line of waiting messages is bounded only by the prefetch window.
+// With auto_ack the broker applies no prefetch at all, so prefetch_count
+// changes nothing there.
+func CheckOrdering(orderingKey string, prefetchCount int, autoAck bool) error {
+	switch {
+	case orderingKey == "":
+	case !validOrderingKey(orderingKey):
+		return &FieldError{Field: "ordering_key", Reason: orderingKeyError(orderingKey).Error()}
+	case prefetchCount == 0 && !autoAck:
+		return errUnboundedOrdering
+	}
+	return nil
+}
+
+// CheckDeadLetterLoop checks the dead-letter destination against the
+// agent's binding: its routing_keys, or topic (the agent's
+// consumer.topic) when there are none. Parse checks routing_keys only.
+func (c Config) CheckDeadLetterLoop(topic string) error {
+	keys := c.RoutingKeys
+	if len(keys) == 0 {
+		keys = []string{topic}
+	}
+	return c.DeadLetter.CheckLoop(c.Queue, c.Exchange, c.ExchangeType, keys)
+}
+
+// Validate checks a retry policy given in code as Parse checks the retry
+// block: the bounds of each field, max_delay not shorter than delay, and
+// at most MaxRetryQueues distinct delays. Its errors are FieldErrors
+// naming retry.<field>.
+func (r Retry) Validate() error {
+	var errs []error
+	if r.MaxAttempts < 1 || r.MaxAttempts > MaxAttempts {
+		errs = append(errs, &FieldError{Field: "retry.max_attempts", Reason: fmt.Sprintf("must be between 1 and %d, got %d", MaxAttempts, r.MaxAttempts)})
+	}
+	if r.Delay < time.Millisecond {
+		errs = append(errs, &FieldError{Field: "retry.delay", Reason: fmt.Sprintf("must be at least 1ms, got %s", r.Delay)})
+	}
+	if r.MaxDelay < time.Millisecond {
+		errs = append(errs, &FieldError{Field: "retry.max_delay", Reason: fmt.Sprintf("must be at least 1ms, got %s", r.MaxDelay)})
+	}
+	if !(r.Multiplier >= 1 && r.Multiplier <= MaxMultiplier) { // NaN too
+		errs = append(errs, &FieldError{Field: "retry.multiplier", Reason: fmt.Sprintf("must be between 1 and %d, got %v", MaxMultiplier, r.Multiplier)})
+	}
+	if len(errs) == 0 {
+		errs = r.checkDelays()
+	}
+	return errors.Join(errs...)
+}
+
+// Bounds of the retry fields.
+const (
+	MaxAttempts   = 1_000_000
+	MaxMultiplier = 100
+)
+
+// checkDelays checks what the retry fields give together.
+func (r Retry) checkDelays() []error {
+	if r.MaxDelay < r.Delay {
+		return []error{&FieldError{Field: "retry.max_delay", Reason: fmt.Sprintf(
+			"must not be shorter than retry.delay (%s), got %s", r.Delay, r.MaxDelay)}}
+	}
+	if n := len(r.RetryDelays()); n > MaxRetryQueues {
+		return []error{&FieldError{Field: "retry", Reason: fmt.Sprintf(
+			"delay, multiplier and max_delay give more than %d distinct delays, one retry queue each: raise the multiplier", MaxRetryQueues)}}
+	}
+	return nil
+}
+
+// Validate checks a dead-letter destination given in code as Parse
+// checks the dead_letter block.
+func (d DeadLetter) Validate() error {
+	errs := d.validate()
+	for _, s := range d.Statuses {
+		if s < 300 || s > 599 {
+			errs = append(errs, &FieldError{Field: "dead_letter.statuses", Reason: fmt.Sprintf("must list HTTP statuses from 300 to 599, got %d", s)})
+			break
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// CheckLoop refuses a dead-letter destination that routes back to the
+// work queue: the agent's own queue, or the agent's own exchange with a
+// routing key one of its binding keys matches. Without
+// dead_letter.routing_key a dead letter keeps the message's own key,
+// which matched a binding to reach the queue; a fanout exchange routes
+// every key. Every dead letter would then come back to be dispatched and
+// fail again, forever. exchangeType "" is topic.
+func (d DeadLetter) CheckLoop(queue, exchange, exchangeType string, bindingKeys []string) error {
+	const forever = "every dead letter would come back to the work queue, and fail and be dead-lettered there again, forever"
+	if d.Queue != "" && d.Queue == queue {
+		return &FieldError{Field: "dead_letter.queue", Reason: fmt.Sprintf(
+			"%q is the agent's own queue: %s; name another queue", d.Queue, forever)}
+	}
+	if d.Exchange == "" || d.Exchange != exchange {
+		return nil
+	}
+	switch {
+	case exchangeType == "fanout":
+		return &FieldError{Field: "dead_letter.exchange", Reason: fmt.Sprintf(
+			"%q is the agent's own fanout exchange, which routes every message to the work queue: %s; use another exchange", d.Exchange, forever)}
+	case d.RoutingKey == "":
+		return &FieldError{Field: "dead_letter.exchange", Reason: fmt.Sprintf(
+			"%q is the agent's own exchange and, with no dead_letter.routing_key, a dead letter keeps the routing key "+
+				"it was published with, which the queue's binding matches: %s; use another exchange, or set a "+
+				"dead_letter.routing_key that no binding key of the agent (%q) matches", d.Exchange, forever, bindingKeys)}
+	}
+	for _, key := range bindingKeys {
+		if routes(exchangeType, key, d.RoutingKey) {
+			return &FieldError{Field: "dead_letter.routing_key", Reason: fmt.Sprintf(
+				"%q on the agent's own exchange %q matches the binding key %q: %s; use another exchange, or a routing key "+
+					"that no binding key of the agent (%q) matches", d.RoutingKey, d.Exchange, key, forever, bindingKeys)}
+		}
+	}
+	return nil
 }
 
 func (d DeadLetter) validate() []error {
@@ -267,14 +395,19 @@ func (r Retry) RetryDelays() []time.Duration {
 	var out []time.Duration
 	d := float64(r.Delay)
 	for {
-		capped := min(time.Duration(d), r.MaxDelay)
+		capped := r.MaxDelay // also when d overflows a Duration
+		if d < float64(r.MaxDelay) {
+			capped = time.Duration(d)
+		}
 		step := capped.Round(time.Millisecond)
 		if len(out) == 0 || step != out[len(out)-1] {
 			out = append(out, step)
 		}
 		// The cap is reached on the unrounded delay: a max_delay that
-		// rounds down (1.4ms) would otherwise never be reached.
-		if capped >= r.MaxDelay || r.Multiplier <= 1 || len(out) > MaxRetryQueues {
+		// rounds down (1.4ms) would otherwise never be reached. A delay
+		// of 0 or less would never grow: Validate refuses it, and it
+		// ends the list here rather than loop.
+		if capped >= r.MaxDelay || !(r.Multiplier > 1) || d <= 0 || len(out) > MaxRetryQueues {
 			return out
 		}
 		d *= r.Multiplier

@@ -98,10 +98,10 @@ func quoteOrType(v interface{}) string {
 }
 
 var retryFields = map[string]setter{
-	"max_attempts": bounded(1, 1_000_000, func(c *Config) *int { return &c.Retry.MaxAttempts }),
+	"max_attempts": bounded(1, MaxAttempts, func(c *Config) *int { return &c.Retry.MaxAttempts }),
 	"delay":        duration(time.Millisecond, func(c *Config) *time.Duration { return &c.Retry.Delay }),
 	"max_delay":    duration(time.Millisecond, func(c *Config) *time.Duration { return &c.Retry.MaxDelay }),
-	"multiplier":   number(1, 100, func(c *Config) *float64 { return &c.Retry.Multiplier }),
+	"multiplier":   number(1, MaxMultiplier, func(c *Config) *float64 { return &c.Retry.Multiplier }),
 }
 
 var deadLetterFields = map[string]setter{
@@ -256,16 +256,21 @@ var OrderingProperties = []string{"message_id", "correlation_id", "user_id", "ap
 
 func orderingKey(c *Config, v interface{}) error {
 	s, _ := v.(string)
-	switch kind, name, _ := strings.Cut(s, ":"); {
-	case s == "routing_key":
-	case kind == "header" && name != "":
-	case kind == "property" && slices.Contains(OrderingProperties, name):
-	default:
-		return fmt.Errorf("must be \"routing_key\", \"header:<name>\" or \"property:<name>\" with a name among %q, got %s",
-			OrderingProperties, quoteOrType(v))
+	if !validOrderingKey(s) {
+		return orderingKeyError(v)
 	}
 	c.OrderingKey = s
 	return nil
+}
+
+func validOrderingKey(s string) bool {
+	kind, name, _ := strings.Cut(s, ":")
+	return s == "routing_key" || kind == "header" && name != "" || kind == "property" && slices.Contains(OrderingProperties, name)
+}
+
+func orderingKeyError(v interface{}) error {
+	return fmt.Errorf("must be \"routing_key\", \"header:<name>\" or \"property:<name>\" with a name among %q, got %s",
+		OrderingProperties, quoteOrType(v))
 }
 
 func boolean(field func(*Config) *bool) setter {

@@ -1,6 +1,8 @@
 package driver
 
 import (
+	"sort"
+
 	amqp "github.com/rabbitmq/amqp091-go"
 )
 
@@ -23,7 +25,7 @@ type acks struct {
 	ch      amqp.Acknowledger
 	next    uint64            // lowest tag not settled yet
 	waiting map[uint64]string // acked tags above a gap, with their outcome
-	sent    map[uint64]bool   // tags above a gap settled one by one
+	sent    runs              // tags above a gap settled one by one
 	stuck   map[uint64]bool   // held tags: gaps that last
 	hold    int               // most finished tags kept waiting on a gap
 }
@@ -44,7 +46,7 @@ func newAcks(a *Agent, prefetch int) *acks {
 	}
 	q := &acks{
 		agent: a, requests: make(chan ackRequest, max(prefetch, 64)), done: make(chan struct{}),
-		next: 1, waiting: map[uint64]string{}, sent: map[uint64]bool{}, stuck: map[uint64]bool{}, hold: max(hold, 1),
+		next: 1, waiting: map[uint64]string{}, stuck: map[uint64]bool{}, hold: max(hold, 1),
 	}
 	go q.run()
 	return q
@@ -103,7 +105,7 @@ func (q *acks) take(req ackRequest) {
 	delete(q.stuck, req.tag)
 	if !req.ack {
 		q.agent.recordSettle(req.ch.Nack(req.tag, false, req.requeue), req.outcome)
-		q.sent[req.tag] = true
+		q.sent.add(req.tag)
 		return
 	}
 	q.waiting[req.tag] = req.outcome
@@ -120,8 +122,11 @@ func (q *acks) flush(all bool) {
 			outcomes = append(outcomes, o)
 			delete(q.waiting, q.next)
 			last = q.next
-		} else if q.sent[q.next] {
-			delete(q.sent, q.next)
+		} else if len(q.sent) > 0 && q.sent[0].lo == q.next {
+			// A run settled one by one: skip it (next++ below
+			// steps past its end); a multiple-ack over it is harmless.
+			q.next = q.sent[0].hi
+			q.sent = q.sent[1:]
 		} else {
 			break
 		}
@@ -137,7 +142,38 @@ func (q *acks) flush(all bool) {
 		for tag, o := range q.waiting {
 			q.agent.recordSettle(q.ch.Ack(tag, false), o)
 			delete(q.waiting, tag)
-			q.sent[tag] = true
+			q.sent.add(tag)
 		}
 	}
+}
+
+// runs are the tags settled one by one above next, as sorted, disjoint,
+// non-adjacent intervals: a tag that never settles (held, or left
+// unacknowledged after a panic) leaves one run behind it however many
+// tags are settled after it, so the state grows with the gaps, not with
+// the messages.
+type runs []run
+
+// run is the interval of tags lo..hi, both settled.
+type run struct{ lo, hi uint64 }
+
+// add records tag, merging it into the run it touches.
+func (s *runs) add(tag uint64) {
+	r := *s
+	// The first run that ends at tag-1 or later: every one before it
+	// ends short of touching tag.
+	i := sort.Search(len(r), func(i int) bool { return r[i].hi+1 >= tag })
+	if i == len(r) || r[i].lo > tag+1 {
+		r = append(r, run{})
+		copy(r[i+1:], r[i:])
+		r[i] = run{tag, tag}
+		*s = r
+		return
+	}
+	r[i].lo, r[i].hi = min(r[i].lo, tag), max(r[i].hi, tag)
+	if i+1 < len(r) && r[i].hi+1 >= r[i+1].lo {
+		r[i].hi = max(r[i].hi, r[i+1].hi)
+		r = append(r[:i+1], r[i+2:]...)
+	}
+	*s = r
 }

@@ -77,7 +77,7 @@ func TestAcksSettleEveryTagOnceWhateverTheOrder(t *testing.T) {
 		{"unlimited prefetch", 1000, 0, 8, 11},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			a := New(Options{Name: "acks", Logger: logging.NoOp})
+			a := mustNew(Options{Name: "acks", Logger: logging.NoOp})
 			ch := newBrokerChannel(tc.n)
 			q := newAcks(a, tc.prefetch)
 			tags := make(chan uint64)
@@ -123,7 +123,7 @@ func TestAcksSettleEveryTagOnceWhateverTheOrder(t *testing.T) {
 func fails(tag uint64, each int) bool { return each > 0 && tag%uint64(each) == 0 }
 
 func TestAcksBatchConsecutiveTags(t *testing.T) {
-	a := New(Options{Name: "acks", Logger: logging.NoOp})
+	a := mustNew(Options{Name: "acks", Logger: logging.NoOp})
 	ch := newBrokerChannel(100)
 	q := newAcks(a, 200)
 	// Held back: the settler cannot run until the requests are queued.
@@ -140,7 +140,7 @@ func TestAcksBatchConsecutiveTags(t *testing.T) {
 }
 
 func TestAcksDoNotHoldAFullWindowBehindASlowMessage(t *testing.T) {
-	a := New(Options{Name: "acks", Logger: logging.NoOp})
+	a := mustNew(Options{Name: "acks", Logger: logging.NoOp})
 	ch := newBrokerChannel(21)
 	q := newAcks(a, 20)
 	// Tag 1 is slow; tags 2..11 finish: half the window is then acked one
@@ -181,7 +181,7 @@ func runtimeGosched() { time.Sleep(time.Millisecond) }
 // finished after it are acked at once, one by one, not after half the
 // window, and the held one is acked on its own once its copy is made.
 func TestAcksDoNotWaitOnAHeldMessage(t *testing.T) {
-	a := New(Options{Name: "acks", Logger: logging.NoOp})
+	a := mustNew(Options{Name: "acks", Logger: logging.NoOp})
 	ch := newBrokerChannel(4)
 	q := newAcks(a, 20)
 	held := &message{d: &amqp.Delivery{Acknowledger: ch, DeliveryTag: 1}}
@@ -201,5 +201,84 @@ func TestAcksDoNotWaitOnAHeldMessage(t *testing.T) {
 	}
 	if len(ch.acked) != 3 {
 		t.Errorf("acked %d tags, want 3", len(ch.acked))
+	}
+}
+
+// tallyAcker is a light Acknowledger for long runs: it counts each
+// tag's settlements and fails on a multiple-ack at or above a tag that
+// must stay unsettled.
+type tallyAcker struct {
+	mu      sync.Mutex
+	unacked uint64 // the tag that must never be covered
+	settled map[uint64]int
+	err     error
+}
+
+func (c *tallyAcker) Ack(tag uint64, multiple bool) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if tag == c.unacked || multiple && tag > c.unacked {
+		c.err = fmt.Errorf("ack(%d, multiple %t) covers tag %d", tag, multiple, c.unacked)
+	}
+	c.settled[tag]++
+	return nil
+}
+
+func (c *tallyAcker) Nack(tag uint64, multiple, requeue bool) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.settled[tag]++
+	return nil
+}
+
+func (c *tallyAcker) Reject(tag uint64, requeue bool) error { return c.Nack(tag, false, requeue) }
+
+// One tag that never settles (held, or left unacknowledged after its
+// failure path panicked) must not make the settler remember every tag
+// settled after it: its state grows with the gaps, not the messages.
+func TestAcksStateStaysBoundedBehindAStuckTag(t *testing.T) {
+	const n = 100_000
+	for _, held := range []bool{true, false} {
+		t.Run(fmt.Sprintf("held %t", held), func(t *testing.T) {
+			a := mustNew(Options{Name: "acks", Logger: logging.NoOp})
+			ch := &tallyAcker{unacked: 1, settled: map[uint64]int{}}
+			q := newAcks(a, 20)
+			if held {
+				q.holding(&message{d: &amqp.Delivery{Acknowledger: ch, DeliveryTag: 1}})
+			}
+			for tag := uint64(2); tag <= n+1; tag++ {
+				// every 10th fails: nacks are settled one by one too
+				q.settle(&message{d: &amqp.Delivery{Acknowledger: ch, DeliveryTag: tag}}, tag%10 != 0, true, OutcomeAcked)
+			}
+			q.close()
+			if ch.err != nil {
+				t.Fatal(ch.err)
+			}
+			for tag := uint64(2); tag <= n+1; tag++ {
+				if ch.settled[tag] != 1 {
+					t.Fatalf("tag %d settled %d times, want once", tag, ch.settled[tag])
+				}
+			}
+			if len(q.sent) > 2 || len(q.waiting) != 0 {
+				t.Errorf("after %d settlements behind one stuck tag: %d settled tags kept, %d waiting; want O(1)", n, len(q.sent), len(q.waiting))
+			}
+		})
+	}
+}
+
+func TestRunsMergeTagsInAnyOrder(t *testing.T) {
+	r := rand.New(rand.NewSource(1))
+	tags := r.Perm(1000)
+	var s runs
+	for i, tag := range tags {
+		s.add(uint64(tag) + 2)
+		for j := 1; j < len(s); j++ {
+			if s[j-1].hi+1 >= s[j].lo || s[j].lo > s[j].hi {
+				t.Fatalf("after %d adds: runs %v overlap, touch or are unsorted", i+1, s)
+			}
+		}
+	}
+	if len(s) != 1 || s[0] != (run{2, 1001}) {
+		t.Errorf("runs %v, want one run 2..1001", s)
 	}
 }

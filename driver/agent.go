@@ -8,6 +8,7 @@ package driver
 import (
 	"errors"
 	"fmt"
+	"math"
 	"net/textproto"
 	"sync/atomic"
 	"time"
@@ -17,6 +18,7 @@ import (
 	"go.opentelemetry.io/otel/metric"
 	"go.opentelemetry.io/otel/propagation"
 	"go.opentelemetry.io/otel/trace"
+	"golang.org/x/net/http/httpguts"
 	"golang.org/x/time/rate"
 
 	"github.com/krakend-contrib/async-amqp/config"
@@ -111,9 +113,19 @@ type Agent struct {
 // name theirs: [SERVICE: AsyncAgent][AMQP][<agent>].
 func LogPrefix(agent string) string { return fmt.Sprintf("[SERVICE: AsyncAgent][AMQP][%s]", agent) }
 
-// New checks the options, applying the documented defaults, and returns
-// an agent ready to Run.
-func New(opts Options) *Agent {
+// New checks the options as Check checks an agent's configuration,
+// applying the documented defaults, and returns an agent ready to Run.
+// Options the configuration would refuse, because the driver would loop,
+// hold memory without bound or misbehave with them, are an error naming
+// the agent and each field.
+func New(opts Options) (*Agent, error) {
+	if err := opts.validate(); err != nil {
+		var errs []error
+		for _, e := range config.Errors(err) {
+			errs = append(errs, fmt.Errorf("agent %q: %w", opts.Name, e))
+		}
+		return nil, errors.Join(errs...)
+	}
 	a := &Agent{opts: opts, log: logger{l: opts.Logger, prefix: LogPrefix(opts.Name)}}
 	if a.opts.Logger == nil {
 		a.log.l = logging.NoOp
@@ -129,7 +141,7 @@ func New(opts Options) *Agent {
 	if a.opts.ShutdownTimeout <= 0 {
 		a.opts.ShutdownTimeout = a.opts.Timeout
 	}
-	if a.opts.Retry.MaxAttempts < 1 {
+	if a.opts.Retry == (config.Retry{}) {
 		a.opts.Retry = config.Retry{MaxAttempts: config.DefaultMaxAttempts, Delay: config.DefaultDelay,
 			MaxDelay: config.DefaultMaxDelay, Multiplier: config.DefaultMultiplier}
 	}
@@ -160,15 +172,61 @@ func New(opts Options) *Agent {
 	if a.opts.BackPressure {
 		a.pressure = newPressure(a.opts.Workers, a.onPressure)
 	}
-	a.metrics = newMetrics(a.opts.MeterProvider, a.opts.Name, a.opts.Session.Queue, a.pressureState)
-	a.tracing = newTracing(a.opts.TracerProvider, a.opts.Propagator, a.opts.Name, a.opts.Session.Topology)
+	telemetry := &guard{log: a.log}
+	a.metrics = newMetrics(a.opts.MeterProvider, a.opts.Name, a.opts.Session.Queue, a.pressureState, telemetry)
+	a.tracing = newTracing(a.opts.TracerProvider, a.opts.Propagator, a.opts.Name, a.opts.Session.Topology, telemetry)
 	if p := a.opts.Session.PrefetchCount; p > 0 && p < a.opts.Workers && !a.opts.Session.AutoAck {
 		a.log.Warning(fmt.Sprintf("prefetch_count %d is below consumer.workers %d: only %d workers can have a message at a time", p, a.opts.Workers, p))
 	}
 	if a.opts.Session.NoLocal {
 		a.log.Warning("no_local is passed to the broker, but RabbitMQ ignores it")
 	}
-	return a
+	return a, nil
+}
+
+// validate refuses what the configuration refuses and New cannot
+// correct; the fields it names are those of the agent's configuration.
+// Workers, Timeout and HealthInterval left at 0 (or below) are given
+// their defaults instead, as Lura does.
+func (o Options) validate() error {
+	var errs []error
+	bad := func(field, format string, args ...interface{}) {
+		errs = append(errs, &config.FieldError{Field: field, Reason: fmt.Sprintf(format, args...)})
+	}
+	if !(o.MaxRate >= 0) { // NaN too
+		bad("consumer.max_rate", "must be 0 (unlimited) or more, got %v", o.MaxRate)
+	}
+	if o.ShutdownTimeout < 0 {
+		bad("shutdown_timeout", "must be at least 0s, got %s", o.ShutdownTimeout)
+	}
+	if n := o.Session.PrefetchCount; n < 0 || n > math.MaxUint16 {
+		bad("prefetch_count", "must be between 0 and %d, got %d", math.MaxUint16, n)
+	}
+	if n := o.Session.PrefetchSize; n < 0 || n > math.MaxUint32 {
+		bad("prefetch_size", "must be between 0 and %d, got %d", uint32(math.MaxUint32), n)
+	}
+	if o.MaxBodyBytes < 0 {
+		bad("max_body_bytes", "must be 0 (no bound) or more, got %d", o.MaxBodyBytes)
+	}
+	if h := o.IdempotencyHeader; h != "" && !httpguts.ValidHeaderFieldName(h) {
+		bad("idempotency_header", "must be an HTTP header name, got %q", h)
+	}
+	if err := config.CheckOrdering(o.OrderingKey, o.Session.PrefetchCount, o.Session.AutoAck); err != nil {
+		errs = append(errs, err)
+	}
+	// Retry and DeadLetter are used only when the driver owns retries;
+	// a zero Retry is the default policy.
+	if !o.Session.AutoAck && !o.NackDiscard {
+		if o.Retry != (config.Retry{}) {
+			errs = append(errs, config.Errors(o.Retry.Validate())...)
+		}
+		errs = append(errs, config.Errors(o.DeadLetter.Validate())...)
+		t := o.Session.Topology
+		if err := o.DeadLetter.CheckLoop(t.Queue, t.Exchange, t.ExchangeType, t.RoutingKeys); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // ownsRetries tells whether failed messages go through the driver's

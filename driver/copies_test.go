@@ -32,7 +32,7 @@ func hostileHeaders() amqp.Table {
 }
 
 func TestCopyCarriesNothingTheBrokerActsOn(t *testing.T) {
-	a := New(Options{Name: "copier", Session: consumer.Settings{Topology: consumer.Topology{Queue: "work"}}, Logger: logging.NoOp})
+	a := mustNew(Options{Name: "copier", Session: consumer.Settings{Topology: consumer.Topology{Queue: "work"}}, Logger: logging.NoOp})
 	d := fullDelivery()
 	d.Headers = hostileHeaders()
 	c := a.copyOf(a.msg(d), 1, 0, "500")
@@ -61,7 +61,7 @@ func TestCopyCarriesNothingTheBrokerActsOn(t *testing.T) {
 // A retry comes back as its publisher sent it: the backend sees the same
 // headers and properties at every attempt, and nothing of the retry hop.
 func TestRetryComesBackAsPublished(t *testing.T) {
-	a := New(Options{Name: "copier", Session: consumer.Settings{Topology: consumer.Topology{Queue: "work"}}, Logger: logging.NoOp})
+	a := mustNew(Options{Name: "copier", Session: consumer.Settings{Topology: consumer.Topology{Queue: "work"}}, Logger: logging.NoOp})
 	retryQueue := consumer.RetryQueue("work", a.opts.Session.RetryDelays[0])
 	d := fullDelivery()
 	d.Headers = hostileHeaders()
@@ -117,7 +117,7 @@ func withoutDriver(h amqp.Table, names ...string) amqp.Table {
 // x-krakend-kept-* and x-krakend-original-* headers are dropped from the
 // copy, and read only on a delivery back from a retry queue.
 func TestPublisherCannotForgeKeptHeaders(t *testing.T) {
-	a := New(Options{Name: "copier", Session: consumer.Settings{Topology: consumer.Topology{Queue: "work"}}, Logger: logging.NoOp})
+	a := mustNew(Options{Name: "copier", Session: consumer.Settings{Topology: consumer.Topology{Queue: "work"}}, Logger: logging.NoOp})
 	d := &amqp.Delivery{Exchange: "orders", RoutingKey: "k", Headers: amqp.Table{
 		keptPrefix + "CC": []interface{}{"work"}, HeaderOriginalUserID: "admin", HeaderParked: "forged",
 	}}

@@ -174,7 +174,7 @@ func fullDelivery() *amqp.Delivery {
 }
 
 func TestCopyOf(t *testing.T) {
-	a := New(Options{Name: "copier", Session: consumer.Settings{Topology: consumer.Topology{Queue: "work"}}, Logger: logging.NoOp})
+	a := mustNew(Options{Name: "copier", Session: consumer.Settings{Topology: consumer.Topology{Queue: "work"}}, Logger: logging.NoOp})
 	retryQueue := consumer.RetryQueue("work", a.opts.Session.RetryDelays[0])
 	d := fullDelivery()
 	// A publisher's own x-krakend-* headers are dropped, not copied.
@@ -317,7 +317,7 @@ func (c *copyRecorder) Publish(_ context.Context, exchange, key string, msg amqp
 }
 
 func failAgent(retry config.Retry, dead config.DeadLetter) *Agent {
-	return New(Options{
+	return mustNew(Options{
 		Name:       "failer",
 		Session:    consumer.Settings{Topology: consumer.Topology{Queue: "work"}},
 		Workers:    1,

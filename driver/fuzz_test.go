@@ -128,7 +128,7 @@ func (in *fuzzInput) delivery(back bool, retryQueue string) *amqp.Delivery {
 }
 
 func fuzzAgent(maxAttempts int, dead config.DeadLetter) *Agent {
-	return New(Options{
+	return mustNew(Options{
 		Name: "fuzz", Session: consumer.Settings{Topology: consumer.Topology{Exchange: "x", Queue: "work"}},
 		Workers: 1, Timeout: time.Second, Logger: logging.NoOp, URLParams: true,
 		Retry:      config.Retry{MaxAttempts: maxAttempts, Delay: 50 * time.Millisecond, MaxDelay: 400 * time.Millisecond, Multiplier: 2},

@@ -157,6 +157,10 @@ func (a *Agent) dispatch(ctx context.Context, m *message) (r result) {
 	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), a.opts.Timeout)
 	defer context.AfterFunc(m.bound, cancel)()
 	defer cancel()
+	// Deferred before the recover below, so that it runs after it and
+	// records a panic's error.type.
+	start := a.metrics.onDispatch()
+	defer func() { a.metrics.onDispatched(start, r.kind) }()
 	defer func() {
 		if p := recover(); p != nil {
 			r = result{reason: oneLine(fmt.Sprint("the backend pipeline panicked: ", p)), kind: "panic"}
@@ -167,8 +171,6 @@ func (a *Agent) dispatch(ctx context.Context, m *message) (r result) {
 			a.log.Debug("dispatch failed:", r.reason)
 		}
 	}()
-	start := a.metrics.onDispatch()
-	defer func() { a.metrics.onDispatched(start, r.kind) }()
 	req := newRequest(m, a.opts.URLParams)
 	if h := a.opts.IdempotencyHeader; h != "" {
 		req.Headers[h] = []string{idempotencyKey(m)}

@@ -49,7 +49,7 @@ func panicAgent(t *testing.T, logs *bytes.Buffer, opts Options) *Agent {
 	opts.Proxy = func(context.Context, *proxy.Request) (*proxy.Response, error) {
 		return &proxy.Response{IsComplete: true, Metadata: proxy.Metadata{StatusCode: 500}}, nil
 	}
-	return New(opts)
+	return mustNew(opts)
 }
 
 func oneDelivery(acker amqp.Acknowledger) chan amqp.Delivery {

@@ -43,7 +43,7 @@ func (s *refusingSession) Publish(ctx context.Context, exchange, key string, msg
 // the message is acked once its copy is made.
 func TestHeldMessagesAreNotDispatchedAgain(t *testing.T) {
 	var calls atomic.Int64
-	a := New(Options{
+	a := mustNew(Options{
 		Name: "holder", Workers: 1, Timeout: time.Second, Logger: logging.NoOp,
 		Session: consumer.Settings{Topology: consumer.Topology{Queue: "work"}, PrefetchCount: 10},
 		Retry:   config.Retry{MaxAttempts: 3, Delay: 10 * time.Millisecond, MaxDelay: 40 * time.Millisecond, Multiplier: 2},
@@ -88,7 +88,7 @@ func TestHeldMessagesAreNotDispatchedAgain(t *testing.T) {
 // What is still held when the session ends goes back to the queue with
 // it: neither acked nor nacked by the driver.
 func TestHeldMessagesGoBackWithTheSession(t *testing.T) {
-	a := New(Options{
+	a := mustNew(Options{
 		Name: "holder", Workers: 1, Timeout: time.Second, Logger: logging.NoOp,
 		Session: consumer.Settings{Topology: consumer.Topology{Queue: "work"}, PrefetchCount: 10},
 		Retry:   config.Retry{MaxAttempts: 3, Delay: time.Hour, MaxDelay: time.Hour, Multiplier: 2},
@@ -115,7 +115,7 @@ func TestHeldMessagesGoBackWithTheSession(t *testing.T) {
 // dead-lettered at once, with the reason.
 func TestTooLargeIsDeadLetteredUndispatched(t *testing.T) {
 	var calls atomic.Int64
-	a := New(Options{
+	a := mustNew(Options{
 		Name: "sizer", Workers: 1, Timeout: time.Second, Logger: logging.NoOp, MaxBodyBytes: 8,
 		Session:    consumer.Settings{Topology: consumer.Topology{Queue: "work"}},
 		DeadLetter: config.DeadLetter{Queue: "dead"},
@@ -191,7 +191,7 @@ func waitUntil(t *testing.T, what string, cond func() bool) {
 // marked, and acked; the backend is not called again.
 func TestRefusedDeadLetterIsParked(t *testing.T) {
 	var calls atomic.Int64
-	a := New(Options{
+	a := mustNew(Options{
 		Name: "parker", Workers: 1, Timeout: time.Second, Logger: logging.NoOp,
 		Session:    consumer.Settings{Topology: consumer.Topology{Queue: "work"}, PrefetchCount: 10},
 		Retry:      config.Retry{MaxAttempts: 1, Delay: 5 * time.Millisecond, MaxDelay: 20 * time.Millisecond, Multiplier: 2},
@@ -236,7 +236,7 @@ func TestRefusedDeadLetterIsParked(t *testing.T) {
 // letter is tried again. Once it is made, the message is acked.
 func TestParkedMessageComesBackToItsDeadLetter(t *testing.T) {
 	var calls atomic.Int64
-	a := New(Options{
+	a := mustNew(Options{
 		Name: "parker", Workers: 1, Timeout: time.Second, Logger: logging.NoOp,
 		Session:    consumer.Settings{Topology: consumer.Topology{Queue: "work"}, PrefetchCount: 10},
 		Retry:      config.Retry{MaxAttempts: 2, Delay: 5 * time.Millisecond, MaxDelay: 20 * time.Millisecond, Multiplier: 2},
@@ -277,7 +277,7 @@ func TestParkedMessageComesBackToItsDeadLetter(t *testing.T) {
 // for a passing reason, a worker with one more to hold waits, and the
 // other workers go on with healthy messages.
 func TestHeldMessagesTakeABoundedShare(t *testing.T) {
-	a := New(Options{
+	a := mustNew(Options{
 		Name: "sharer", Workers: 2, Timeout: time.Second, Logger: logging.NoOp,
 		Session: consumer.Settings{Topology: consumer.Topology{Queue: "work"}, PrefetchCount: 4},
 		Retry:   config.Retry{MaxAttempts: 3, Delay: time.Hour, MaxDelay: time.Hour, Multiplier: 2},

@@ -11,7 +11,8 @@ import (
 
 // meterRecorder is a MeterProvider that adds up what the driver records, by
 // instrument name and outcome attribute ("" when none); histograms count
-// their records under "<name>/". The library module leaves the
+// their records under "<name>/", and those with an error.type under
+// "<name>/error.type=<type>/" too. The library module leaves the
 // OpenTelemetry SDK to the build, so its unit tests record on this; the
 // SDK's own reader is used by internal/oteltest.
 type meterRecorder struct {
@@ -93,6 +94,10 @@ type histogramRecorder struct {
 	r    *meterRecorder
 }
 
-func (h histogramRecorder) Record(context.Context, float64, ...metric.RecordOption) {
+func (h histogramRecorder) Record(_ context.Context, _ float64, opts ...metric.RecordOption) {
 	h.r.add(h.name, 1, *attribute.EmptySet())
+	attrs := metric.NewRecordConfig(opts).Attributes()
+	if kind, ok := attrs.Value("error.type"); ok {
+		h.r.add(h.name+"/error.type="+kind.AsString(), 1, *attribute.EmptySet())
+	}
 }

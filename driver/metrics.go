@@ -2,6 +2,7 @@ package driver
 
 import (
 	"context"
+	"fmt"
 	"sync/atomic"
 	"time"
 
@@ -33,6 +34,7 @@ const (
 // messaging conventions where they exist (received messages, process
 // duration); the rest carry the krakend.amqp prefix.
 type metrics struct {
+	guard *guard
 	attrs metric.MeasurementOption
 	// by outcome and by dispatch result, built once: per-message
 	// attribute sets would allocate on the hot path.
@@ -49,16 +51,43 @@ type metrics struct {
 	heldCount atomic.Int64
 }
 
+// guard keeps a bug in the build's telemetry (its MeterProvider,
+// TracerProvider or propagator) from taking the gateway down or stopping
+// a message: every call into them is made under a deferred catch, which
+// recovers the panic and logs the first one at ERROR, once per agent.
+// The call's measurement or span is lost; the message goes on. A nil
+// guard recovers without logging.
+type guard struct {
+	log    logger
+	logged atomic.Bool
+}
+
+// catch must be deferred directly: it recovers the panic of the call it
+// guards. what names the telemetry that panicked.
+func (g *guard) catch(what string) {
+	if p := recover(); p != nil && g != nil && g.logged.CompareAndSwap(false, true) {
+		g.log.Error(fmt.Sprintf("the build's %s panicked: %s; the agent goes on without it (further telemetry panics are not logged)",
+			what, oneLine(fmt.Sprint(p))))
+	}
+}
+
+// Where a telemetry panic came from, for its log line.
+const (
+	fromMeter  = "OpenTelemetry MeterProvider"
+	fromTracer = "OpenTelemetry TracerProvider or propagator"
+)
+
 // newMetrics builds the agent's instruments; holding reads the
 // back-pressure state (the workers and no pace without back-pressure).
-func newMetrics(provider metric.MeterProvider, agent, queue string, holding func() pressureState) *metrics {
+// An instrument the build's provider fails to make, or panics making, is
+// a no-op one.
+func newMetrics(provider metric.MeterProvider, agent, queue string, holding func() pressureState, g *guard) *metrics {
 	if provider == nil {
 		provider = otel.GetMeterProvider()
 	}
 	if provider == nil { // a global set to nil
 		provider = noop.NewMeterProvider()
 	}
-	meter := provider.Meter(Scope)
 	base := []attribute.KeyValue{
 		attribute.String("messaging.system", "rabbitmq"),
 		attribute.String("messaging.destination.name", queue),
@@ -67,7 +96,7 @@ func newMetrics(provider metric.MeterProvider, agent, queue string, holding func
 	with := func(k, v string) metric.MeasurementOption {
 		return metric.WithAttributeSet(attribute.NewSet(append(base[:len(base):len(base)], attribute.String(k, v))...))
 	}
-	m := &metrics{attrs: metric.WithAttributeSet(attribute.NewSet(base...)), outcomes: map[string]metric.MeasurementOption{}}
+	m := &metrics{guard: g, attrs: metric.WithAttributeSet(attribute.NewSet(base...)), outcomes: map[string]metric.MeasurementOption{}}
 	for _, o := range []string{OutcomeAcked, OutcomeRequeued, OutcomeRetried, OutcomeDeadLettered, OutcomeDiscarded, OutcomeAutoAcked, OutcomeUnsettled} {
 		m.outcomes[o] = with("outcome", o)
 	}
@@ -75,6 +104,34 @@ func newMetrics(provider metric.MeterProvider, agent, queue string, holding func
 	for _, kind := range []string{"timeout", "http_status", "incomplete", "no_response", "panic", kindTooLarge, "error"} {
 		m.failures[kind] = with("error.type", kind)
 	}
+	m.instruments(provider, holding)
+	var none noop.Meter
+	if m.received == nil {
+		m.received, _ = none.Int64Counter("")
+	}
+	if m.settled == nil {
+		m.settled, _ = none.Int64Counter("")
+	}
+	if m.duration == nil {
+		m.duration, _ = none.Float64Histogram("")
+	}
+	if m.inFlight == nil {
+		m.inFlight, _ = none.Int64UpDownCounter("")
+	}
+	if m.reconnect == nil {
+		m.reconnect, _ = none.Int64Counter("")
+	}
+	if m.held == nil {
+		m.held, _ = none.Int64UpDownCounter("")
+	}
+	return m
+}
+
+// instruments makes the instruments on the build's provider and
+// registers the gauges' callback; a panic leaves the rest unmade.
+func (m *metrics) instruments(provider metric.MeterProvider, holding func() pressureState) {
+	defer m.guard.catch(fromMeter)
+	meter := provider.Meter(Scope)
 	// Instrument creation only fails on invalid names; a failed one is a
 	// no-op instrument, never a reason to stop consuming.
 	m.received, _ = meter.Int64Counter("messaging.client.consumed.messages",
@@ -104,6 +161,7 @@ func newMetrics(provider metric.MeterProvider, agent, queue string, holding func
 		metric.WithUnit("{dispatch}/s"))
 	if state != nil && blocked != nil && limited != nil && paced != nil {
 		_, _ = meter.RegisterCallback(func(_ context.Context, o metric.Observer) error {
+			defer m.guard.catch(fromMeter) // called by the build's reader
 			o.ObserveInt64(state, m.connected.Load(), m.attrs)
 			o.ObserveInt64(blocked, m.blocked.Load(), m.attrs)
 			s := holding()
@@ -112,11 +170,11 @@ func newMetrics(provider metric.MeterProvider, agent, queue string, holding func
 			return nil
 		}, state, blocked, limited, paced)
 	}
-	return m
 }
 
 func (m *metrics) onHeld(n int64) {
 	m.heldCount.Add(n)
+	defer m.guard.catch(fromMeter)
 	m.held.Add(context.Background(), n, m.attrs)
 }
 
@@ -130,21 +188,28 @@ func (m *metrics) onBlocked(blocked bool) {
 	m.blocked.Store(0)
 }
 
-func (m *metrics) onReceived() { m.received.Add(context.Background(), 1, m.attrs) }
+func (m *metrics) onReceived() {
+	defer m.guard.catch(fromMeter)
+	m.received.Add(context.Background(), 1, m.attrs)
+}
 
 func (m *metrics) onSettled(outcome string) {
+	defer m.guard.catch(fromMeter)
 	m.settled.Add(context.Background(), 1, m.outcomes[outcome])
 }
 
 // onDispatch counts a dispatch in flight; pass its failure class ("" for
 // a success) to onDispatched, which records it as OpenTelemetry's
 // error.type, as the messaging conventions do.
-func (m *metrics) onDispatch() time.Time {
+func (m *metrics) onDispatch() (start time.Time) {
+	start = time.Now()
+	defer m.guard.catch(fromMeter)
 	m.inFlight.Add(context.Background(), 1, m.attrs)
-	return time.Now()
+	return start
 }
 
 func (m *metrics) onDispatched(start time.Time, failure string) {
+	defer m.guard.catch(fromMeter)
 	ctx := context.Background()
 	m.inFlight.Add(ctx, -1, m.attrs)
 	attrs := m.attrs
@@ -162,4 +227,7 @@ func (m *metrics) onConnected(up bool) {
 	m.connected.Store(0)
 }
 
-func (m *metrics) onReconnect() { m.reconnect.Add(context.Background(), 1, m.attrs) }
+func (m *metrics) onReconnect() {
+	defer m.guard.catch(fromMeter)
+	m.reconnect.Add(context.Background(), 1, m.attrs)
+}

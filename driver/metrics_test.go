@@ -16,7 +16,7 @@ import (
 func TestMetricsCountEveryOutcomeOnce(t *testing.T) {
 	rec := newMeterRecorder()
 	p := &outcomeProxy{}
-	a := New(Options{Name: "m", Session: consumer.Settings{Topology: consumer.Topology{Queue: "q"}},
+	a := mustNew(Options{Name: "m", Session: consumer.Settings{Topology: consumer.Topology{Queue: "q"}},
 		Workers: 1, Timeout: time.Minute, Proxy: p.proxy, Logger: logging.NoOp, MeterProvider: rec})
 	acker := &fakeAcker{}
 	a.work(context.Background(), context.Background(), a.flowOf(deliveries(acker, "ok", "500", "err", "ok", "404")))
@@ -39,10 +39,26 @@ func TestMetricsCountEveryOutcomeOnce(t *testing.T) {
 func TestMetricsCountRefusedAcksAsUnsettled(t *testing.T) {
 	rec := newMeterRecorder()
 	p := &outcomeProxy{}
-	a := New(Options{Name: "m", Workers: 1, Timeout: time.Minute, Proxy: p.proxy, Logger: logging.NoOp, MeterProvider: rec})
+	a := mustNew(Options{Name: "m", Workers: 1, Timeout: time.Minute, Proxy: p.proxy, Logger: logging.NoOp, MeterProvider: rec})
 	a.work(context.Background(), context.Background(), a.flowOf(deliveries(&fakeAcker{err: context.Canceled}, "ok", "ok")))
 	if got := rec.snapshot()["krakend.amqp.messages.settled/unsettled"]; got != 2 {
 		t.Errorf("unsettled = %d, want 2", got)
+	}
+}
+
+// A pipeline that panics is a failed dispatch: its duration carries
+// error.type "panic", as the other failures carry theirs.
+func TestMetricsRecordAPanickingDispatchAsAFailure(t *testing.T) {
+	rec := newMeterRecorder()
+	a := mustNew(Options{Name: "m", Workers: 1, Timeout: time.Minute, Logger: logging.NoOp, MeterProvider: rec, NackDiscard: true,
+		Proxy: func(context.Context, *proxy.Request) (*proxy.Response, error) { panic("pipeline bug") }})
+	a.work(context.Background(), context.Background(), a.flowOf(deliveries(&fakeAcker{}, "ok")))
+	got := rec.snapshot()
+	if got["messaging.process.duration/"] != 1 || got["messaging.process.duration/error.type=panic/"] != 1 {
+		t.Errorf("a panicking dispatch is not recorded with error.type panic: %v", got)
+	}
+	if got["krakend.amqp.dispatches.in_flight/"] != 0 {
+		t.Errorf("in flight after the panic: %v", got)
 	}
 }
 

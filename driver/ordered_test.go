@@ -18,7 +18,7 @@ import (
 )
 
 func TestOrderingKeyReaders(t *testing.T) {
-	a := New(Options{Name: "o", Session: consumer.Settings{Topology: consumer.Topology{Queue: "work"}}, Logger: logging.NoOp})
+	a := mustNew(Options{Name: "o", Session: consumer.Settings{Topology: consumer.Topology{Queue: "work"}}, Logger: logging.NoOp})
 	d := &amqp.Delivery{RoutingKey: "orders.created", MessageId: "m-1", CorrelationId: "c-1", Type: "t",
 		Headers: amqp.Table{"order": "o-7", "account": int32(42), "bytes": []byte("b"), "table": amqp.Table{"x": 1}, "float": 1.5}}
 	for spec, want := range map[string]string{
@@ -82,7 +82,7 @@ func TestOrderedKeysAreDispatchedInOrder(t *testing.T) {
 		mu.Unlock()
 		return &proxy.Response{IsComplete: true}, nil
 	}
-	a := New(Options{Name: "ordered", Session: consumer.Settings{AutoAck: true}, Workers: workers, Timeout: time.Second,
+	a := mustNew(Options{Name: "ordered", Session: consumer.Settings{AutoAck: true}, Workers: workers, Timeout: time.Second,
 		OrderingKey: "header:order", Proxy: backend, Logger: logging.NoOp})
 	ch := make(chan amqp.Delivery, keys*perKey+1)
 	for i := range keys * perKey {
@@ -131,7 +131,7 @@ func BenchmarkOrderedKeys(b *testing.B) {
 				time.Sleep(time.Duration(rand.IntN(2000)) * time.Microsecond)
 				return &proxy.Response{IsComplete: true}, nil
 			}
-			a := New(Options{Name: "b", Session: consumer.Settings{AutoAck: true}, Workers: 16, Timeout: time.Minute,
+			a := mustNew(Options{Name: "b", Session: consumer.Settings{AutoAck: true}, Workers: 16, Timeout: time.Minute,
 				OrderingKey: spec, Proxy: backend, Logger: logging.NoOp})
 			ch := make(chan amqp.Delivery, 100) // the prefetch window
 			keys := make([]amqp.Table, 50)

@@ -428,7 +428,7 @@ func TestAgentWork(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			acker := &fakeAcker{}
 			p := &outcomeProxy{}
-			a := New(Options{
+			a := mustNew(Options{
 				Name:        "test",
 				Session:     consumer.Settings{AutoAck: tc.autoAck},
 				Workers:     max(tc.workers, 1),
@@ -484,7 +484,7 @@ func TestAgentWork(t *testing.T) {
 func TestAgentDispatch(t *testing.T) {
 	t.Run("the dispatch deadline does not follow the agent's context", func(t *testing.T) {
 		p := &outcomeProxy{}
-		a := New(Options{Name: "test", Session: consumer.Settings{AutoAck: true}, Timeout: time.Minute, Proxy: p.proxy, Logger: logging.NoOp})
+		a := mustNew(Options{Name: "test", Session: consumer.Settings{AutoAck: true}, Timeout: time.Minute, Proxy: p.proxy, Logger: logging.NoOp})
 		ctx, cancel := context.WithCancel(context.Background())
 		cancel()
 		a.work(ctx, context.WithoutCancel(ctx), a.flowOf(deliveries(&fakeAcker{}, "ok", "ok")))
@@ -504,7 +504,7 @@ func TestAgentDispatch(t *testing.T) {
 	t.Run("the response body is drained and closed", func(t *testing.T) {
 		p := &outcomeProxy{}
 		acker := &fakeAcker{}
-		a := New(Options{Name: "test", Timeout: time.Minute, Proxy: p.proxy, Logger: logging.NoOp})
+		a := mustNew(Options{Name: "test", Timeout: time.Minute, Proxy: p.proxy, Logger: logging.NoOp})
 		a.work(context.Background(), context.Background(), a.flowOf(deliveries(acker, "body", "body")))
 		if len(p.bodies) != 2 {
 			t.Fatalf("%d bodies, want 2", len(p.bodies))
@@ -518,7 +518,7 @@ func TestAgentDispatch(t *testing.T) {
 
 	t.Run("a panicking pipeline is a failure with a reason", func(t *testing.T) {
 		p := &outcomeProxy{}
-		a := New(Options{Name: "test", Timeout: time.Minute, Proxy: p.proxy, Logger: logging.NoOp})
+		a := mustNew(Options{Name: "test", Timeout: time.Minute, Proxy: p.proxy, Logger: logging.NoOp})
 		r := a.dispatch(context.Background(), plain(&amqp.Delivery{Body: []byte("panic")}))
 		if r.ok || !strings.Contains(r.reason, "panicked") || !strings.Contains(r.reason, "backend exploded") {
 			t.Errorf("dispatch = %+v, want a failure naming the panic", r)
@@ -527,7 +527,7 @@ func TestAgentDispatch(t *testing.T) {
 
 	t.Run("the pipeline sees the message", func(t *testing.T) {
 		got := make(chan *proxy.Request, 1)
-		a := New(Options{Name: "test", Timeout: time.Minute, Logger: logging.NoOp, URLParams: true, Proxy: func(_ context.Context, r *proxy.Request) (*proxy.Response, error) {
+		a := mustNew(Options{Name: "test", Timeout: time.Minute, Logger: logging.NoOp, URLParams: true, Proxy: func(_ context.Context, r *proxy.Request) (*proxy.Response, error) {
 			got <- r
 			return &proxy.Response{IsComplete: true}, nil
 		}})
@@ -590,7 +590,7 @@ func TestAgentReport(t *testing.T) {
 				t.Fatal(err)
 			}
 			p := &outcomeProxy{}
-			a := New(Options{
+			a := mustNew(Options{
 				Name:        "reporter",
 				Workers:     1,
 				Session:     consumer.Settings{AutoAck: tc.autoAck},
@@ -665,7 +665,7 @@ func TestNewDefaults(t *testing.T) {
 				t.Fatal(err)
 			}
 			tc.opts.Logger = l
-			a := New(tc.opts)
+			a := mustNew(tc.opts)
 			if a.opts.Workers != tc.wantWorkers {
 				t.Errorf("Workers = %d, want %d", a.opts.Workers, tc.wantWorkers)
 			}
@@ -695,7 +695,7 @@ func TestNewDefaults(t *testing.T) {
 		})
 	}
 	t.Run("nil logger", func(t *testing.T) {
-		a := New(Options{Name: "a"})
+		a := mustNew(Options{Name: "a"})
 		a.log.Info("does not panic")
 	})
 }
@@ -703,7 +703,7 @@ func TestNewDefaults(t *testing.T) {
 func TestPing(t *testing.T) {
 	t.Run("sends the agent name", func(t *testing.T) {
 		ch := make(chan string, 1)
-		a := New(Options{Name: "pinger", Workers: 1, Timeout: time.Second, Ping: ch})
+		a := mustNew(Options{Name: "pinger", Workers: 1, Timeout: time.Second, Ping: ch})
 		a.ping()
 		if got := <-ch; got != "pinger" {
 			t.Errorf("ping = %q, want pinger", got)
@@ -711,11 +711,11 @@ func TestPing(t *testing.T) {
 	})
 	t.Run("never blocks", func(t *testing.T) {
 		ch := make(chan string) // nobody reads
-		a := New(Options{Name: "pinger", Workers: 1, Timeout: time.Second, Ping: ch})
+		a := mustNew(Options{Name: "pinger", Workers: 1, Timeout: time.Second, Ping: ch})
 		a.ping()
 	})
 	t.Run("no channel", func(t *testing.T) {
-		a := New(Options{Name: "pinger", Workers: 1, Timeout: time.Second})
+		a := mustNew(Options{Name: "pinger", Workers: 1, Timeout: time.Second})
 		a.ping()
 	})
 }

@@ -34,6 +34,7 @@ const (
 // tracestate and baggage, through the propagator), and hands that span to
 // the backend pipeline in the dispatch context.
 type tracing struct {
+	guard      *guard
 	tracer     trace.Tracer
 	propagator propagation.TextMapPropagator
 	// name and start are built once: span names and options built per
@@ -42,7 +43,7 @@ type tracing struct {
 	start []trace.SpanStartOption
 }
 
-func newTracing(tp trace.TracerProvider, p propagation.TextMapPropagator, agent string, t consumer.Topology) *tracing {
+func newTracing(tp trace.TracerProvider, p propagation.TextMapPropagator, agent string, t consumer.Topology, g *guard) *tracing {
 	if tp == nil {
 		tp = otel.GetTracerProvider()
 	}
@@ -62,7 +63,8 @@ func newTracing(tp trace.TracerProvider, p propagation.TextMapPropagator, agent 
 		destination = t.Queue
 	}
 	return &tracing{
-		tracer:     tp.Tracer(Scope),
+		guard:      g,
+		tracer:     tracerOf(tp, g),
 		propagator: p,
 		name:       "process " + destination,
 		start: []trace.SpanStartOption{
@@ -78,16 +80,29 @@ func newTracing(tp trace.TracerProvider, p propagation.TextMapPropagator, agent 
 	}
 }
 
+// tracerOf is the provider's tracer, or a no-op one should the provider
+// panic.
+func tracerOf(tp trace.TracerProvider, g *guard) (tracer trace.Tracer) {
+	defer func() {
+		if tracer == nil {
+			tracer = tracenoop.NewTracerProvider().Tracer(Scope)
+		}
+	}()
+	defer g.catch(fromTracer)
+	return tp.Tracer(Scope)
+}
+
 // begin starts the consumer span of a delivery. Its parent is the trace
 // context read from the message headers, if any.
 // The propagator and the tracer are the build's: a panic in them leaves
 // the message without a span, never without its handling.
 func (t *tracing) begin(ctx context.Context, d *amqp.Delivery) (spanCtx context.Context, span trace.Span) {
 	defer func() {
-		if recover() != nil {
+		if span == nil { // the build's tracer or propagator panicked
 			spanCtx, span = ctx, trace.SpanFromContext(context.Background())
 		}
 	}()
+	defer t.guard.catch(fromTracer)
 	spanCtx = t.propagator.Extract(ctx, tableCarrier(d.Headers))
 	return t.tracer.Start(spanCtx, t.name, t.start...)
 }
@@ -97,7 +112,7 @@ func (t *tracing) begin(ctx context.Context, d *amqp.Delivery) (spanCtx context.
 // back undispatched at shutdown is no error. The attributes are set once,
 // here, and only on a span that records: a sampler sees those of start.
 func (t *tracing) end(span trace.Span, m *message, outcome string, r result) {
-	defer func() { _ = recover() }() // the build's SDK; the message is settled already
+	defer t.guard.catch(fromTracer) // the message is settled already
 	if span.IsRecording() {
 		span.SetAttributes(messageAttributes(m, outcome, r)...)
 		if !r.ok && r.kind != "" {
@@ -139,6 +154,7 @@ func messageAttributes(m *message, outcome string, r result) []attribute.KeyValu
 // trace even when nothing in the pipeline injects one. A pipeline that
 // instruments its HTTP client replaces them with its own client span's.
 func (t *tracing) inject(ctx context.Context, headers map[string][]string) {
+	defer t.guard.catch(fromTracer)
 	if !trace.SpanContextFromContext(ctx).IsValid() {
 		return
 	}

@@ -38,7 +38,7 @@ func TestTableCarrierReadsTraceHeaders(t *testing.T) {
 // non-recording span to the backend request unchanged; malformed or
 // absent trace context injects nothing.
 func TestTraceContextWithoutTracer(t *testing.T) {
-	tr := newTracing(tracenoop.NewTracerProvider(), propagation.TraceContext{}, "a", consumer.Topology{Exchange: "x", Queue: "q"})
+	tr := newTracing(tracenoop.NewTracerProvider(), propagation.TraceContext{}, "a", consumer.Topology{Exchange: "x", Queue: "q"}, nil)
 	for _, tc := range []struct {
 		name    string
 		headers amqp.Table
@@ -61,7 +61,7 @@ func TestTraceContextWithoutTracer(t *testing.T) {
 	if tr.name != "process x" {
 		t.Errorf("span name %q", tr.name)
 	}
-	if got := newTracing(nil, nil, "a", consumer.Topology{Queue: "q"}).name; got != "process q" {
+	if got := newTracing(nil, nil, "a", consumer.Topology{Queue: "q"}, nil).name; got != "process q" {
 		t.Errorf("default exchange: span name %q, want the queue's", got)
 	}
 }

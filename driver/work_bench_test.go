@@ -28,7 +28,7 @@ func benchWork(b *testing.B, opts Options) {
 	opts.Proxy = func(context.Context, *proxy.Request) (*proxy.Response, error) {
 		return &proxy.Response{IsComplete: true, Metadata: proxy.Metadata{StatusCode: 200}}, nil
 	}
-	a := New(opts)
+	a := mustNew(opts)
 	body := make([]byte, 512)
 	ch := make(chan amqp.Delivery, 256)
 	go func() {
