@@ -359,3 +359,31 @@ func TestUnreadableHeadersDoNotStopTheAgent(t *testing.T) {
 		})
 	}
 }
+
+// The broker closes a connection that sends a frame over its frame_max,
+// and a copy's properties travel in one frame: a publisher whose
+// properties are just under the limit must not make the driver's copy
+// go over it and take the session down with it.
+func TestCopyOfPropertiesAtTheFrameSizeIsMade(t *testing.T) {
+	f := newFixture(t)
+	var log dispatchLog
+	be := failingOnce(t, &log)
+	const agent = "framesize"
+	gw := startAgents(t, agentSpec{Name: agent, Topic: "k.#", Workers: 1, Backend: be.URL,
+		Block: block(f.queue, f.exchange, map[string]interface{}{"retry": fastRetry(3)})})
+	gw.waitPing(t, agent)
+	// RabbitMQ's and amqp091's frame_max: 131,072 bytes, 8 of them the
+	// frame's header and end, 14 the content header's fixed part.
+	filler := strings.Repeat("x", 131072-8-14-200)
+	f.pub.Publish(f.exchange, "k.big", amqp.Publishing{MessageId: "big", Body: []byte(`{}`),
+		Headers: amqp.Table{"filler": filler}})
+	f.pub.Publish(f.exchange, "k.after", amqp.Publishing{MessageId: "after", Body: []byte(`{}`)})
+	brokertest.Eventually(t, 30*time.Second, "both retried", func() bool {
+		return len(log.of("big")) >= 2 && len(log.of("after")) >= 2
+	})
+	f.waitEmpty(t)
+	checkTwice(t, &log, "big", "after")
+	if strings.Contains(gw.logs.String(), "session lost") {
+		t.Errorf("the agent lost its session:\n%s", gw.logs.String())
+	}
+}

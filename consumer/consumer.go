@@ -682,6 +682,16 @@ func (s *Session) failureQueue(name string) func() error {
 // delivery of the session had its headers replaced.
 func (s *Session) Unreadable(tag uint64) (reason string, ok bool) { return s.refused.take(tag) }
 
+// FrameMax is the largest frame the publishing connection may send, as
+// negotiated with the broker; 0 when the session publishes nothing. A
+// copy's properties travel in one frame, which amqp091 does not split.
+func (s *Session) FrameMax() int {
+	if s.pubConn == nil {
+		return 0
+	}
+	return s.pubConn.Config.FrameSize
+}
+
 // Host is the URL of the broker this session is connected to, with its
 // password redacted.
 func (s *Session) Host() string { return s.host }

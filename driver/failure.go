@@ -182,7 +182,7 @@ func (a *Agent) retry(ctx context.Context, pub publisher, m *message, dec decisi
 	}
 	ctx, cancel := copyContext(ctx, m)
 	defer cancel()
-	return pub.Publish(ctx, "", queue, msg)
+	return pub.Publish(ctx, "", queue, fit(pub, msg))
 }
 
 // park sends a message whose dead letter the broker refuses to the
@@ -193,7 +193,7 @@ func (a *Agent) park(ctx context.Context, pub publisher, m *message, dec decisio
 	msg.Headers[HeaderParked] = truncate(why, 1024)
 	ctx, cancel := copyContext(ctx, m)
 	defer cancel()
-	return pub.Publish(ctx, "", consumer.RetryQueue(a.opts.Session.Queue, a.parkDelay()), msg)
+	return pub.Publish(ctx, "", consumer.RetryQueue(a.opts.Session.Queue, a.parkDelay()), fit(pub, msg))
 }
 
 // parkDelay is how long a parked message waits: the longest retry delay.
@@ -204,7 +204,7 @@ func (a *Agent) deadLetter(ctx context.Context, pub publisher, m *message, dec d
 	msg.Headers[HeaderAgent] = a.opts.Name
 	ctx, cancel := copyContext(ctx, m)
 	defer cancel()
-	if err := pub.Publish(ctx, dec.exchange, dec.key, msg); err != nil {
+	if err := pub.Publish(ctx, dec.exchange, dec.key, fit(pub, msg)); err != nil {
 		return err
 	}
 	a.stats.deadLettered.Add(1)

@@ -33,6 +33,15 @@ type flow struct {
 	unreadable func(tag uint64) (string, bool)
 }
 
+// FrameMax is the frame_max of the session's publishing connection, 0
+// when it cannot tell.
+func (f *flow) FrameMax() int {
+	if fm, ok := f.session.(framer); ok {
+		return fm.FrameMax()
+	}
+	return 0
+}
+
 // ended tells whether the session's channel closed: its deliveries can
 // no longer be settled, and the broker delivers them again.
 func (f *flow) ended() bool {
