@@ -41,10 +41,12 @@ unit:
 	@set -e; for m in $(TOOL_MODULES); do (cd $$m && $(GO) test -race ./...); done
 
 ## fuzz: run each fuzz target for FUZZTIME: the driver block parser, the
-## message-to-request mapping and the failure decision. (make test runs
-## them over their seed corpus.)
+## frame filter of the consuming connection, the message-to-request
+## mapping and the failure decision with its copy. (make test runs them
+## over their seed corpus.)
 fuzz:
 	GOWORK=off $(GO) test -run XXX -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s ./config
+	GOWORK=off $(GO) test -run XXX -fuzz '^FuzzFrames$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s ./consumer
 	GOWORK=off $(GO) test -run XXX -fuzz '^FuzzRequest$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s ./driver
 	GOWORK=off $(GO) test -run XXX -fuzz '^FuzzFailure$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s ./driver
 
