@@ -40,6 +40,13 @@ type ackRequest struct {
 }
 
 func newAcks(a *Agent, prefetch int) *acks {
+	q := idleAcks(a, prefetch)
+	go q.run()
+	return q
+}
+
+// idleAcks is a settler whose goroutine is not started yet.
+func idleAcks(a *Agent, prefetch int) *acks {
 	hold := prefetch / 2
 	if prefetch == 0 {
 		hold = 100
@@ -48,7 +55,6 @@ func newAcks(a *Agent, prefetch int) *acks {
 		agent: a, requests: make(chan ackRequest, max(prefetch, 64)), done: make(chan struct{}),
 		next: 1, waiting: map[uint64]string{}, stuck: map[uint64]bool{}, hold: max(hold, 1),
 	}
-	go q.run()
 	return q
 }
 

@@ -125,11 +125,12 @@ func fails(tag uint64, each int) bool { return each > 0 && tag%uint64(each) == 0
 func TestAcksBatchConsecutiveTags(t *testing.T) {
 	a := mustNew(Options{Name: "acks", Logger: logging.NoOp})
 	ch := newBrokerChannel(100)
-	q := newAcks(a, 200)
-	// Held back: the settler cannot run until the requests are queued.
+	q := idleAcks(a, 200)
+	// Held back: the settler runs once the requests are queued.
 	for tag := uint64(1); tag <= 100; tag++ {
 		q.requests <- ackRequest{ch: ch, tag: tag, ack: true, outcome: OutcomeAcked}
 	}
+	go q.run()
 	q.close()
 	if len(ch.outstanding) != 0 || ch.err != nil {
 		t.Fatalf("outstanding %d, err %v", len(ch.outstanding), ch.err)

@@ -54,30 +54,23 @@ var brokerHeaders = map[string]bool{
 	"x-recent-history-no-store": true, // recent-history exchange plugin
 }
 
-// brokerHeaderPrefixes are header families the broker writes when it
-// dead-letters a message.
-var brokerHeaderPrefixes = []string{"x-first-death-", "x-last-death-"}
-
 // interpreted tells whether a broker or plugin acts on a header.
 func interpreted(k string) bool {
 	lower := strings.ToLower(k)
-	if brokerHeaders[lower] {
-		return true
-	}
-	for _, p := range brokerHeaderPrefixes {
-		if strings.HasPrefix(lower, p) {
-			return true
-		}
-	}
-	return false
+	return brokerHeaders[lower] || deathHeader(lower)
+}
+
+// deathHeader tells whether a header, in lower case, is one the broker
+// writes when it dead-letters a message.
+func deathHeader(lower string) bool {
+	return lower == "x-death" || strings.HasPrefix(lower, "x-first-death-") || strings.HasPrefix(lower, "x-last-death-")
 }
 
 // deathHeaders tells whether a delivery carries any of the headers the
 // broker writes when it dead-letters a message.
 func deathHeaders(d *amqp.Delivery) bool {
 	for k := range d.Headers {
-		lower := strings.ToLower(k)
-		if lower == "x-death" || strings.HasPrefix(lower, "x-first-death-") || strings.HasPrefix(lower, "x-last-death-") {
+		if deathHeader(strings.ToLower(k)) {
 			return true
 		}
 	}
@@ -138,7 +131,7 @@ func restored(d *amqp.Delivery) *amqp.Delivery {
 	v.UserId, v.ReplyTo = "", ""
 	for k, val := range d.Headers {
 		switch {
-		case len(k) > len(keptPrefix) && strings.EqualFold(k[:len(keptPrefix)], keptPrefix):
+		case isKept(k):
 			v.Headers[k[len(keptPrefix):]] = val
 		case driverHeader(k), interpreted(k):
 		default:

@@ -107,8 +107,8 @@ func (a *Agent) process(ctx context.Context, f *flow, m *message) (string, resul
 // processAutoAcked dispatches a message the broker has already
 // forgotten: it is sent even when the agent is stopping.
 func (a *Agent) processAutoAcked(ctx context.Context, m *message) (string, result) {
-	r, big := a.tooLarge(m)
-	if !big {
+	r, unfit := a.unfit(m)
+	if !unfit {
 		waited := a.wait(ctx) == nil
 		r = a.dispatch(ctx, m)
 		if waited {

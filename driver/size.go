@@ -1,6 +1,7 @@
 package driver
 
 import (
+	"strings"
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
@@ -41,7 +42,7 @@ func fit(pub publisher, msg amqp.Publishing) amqp.Publishing {
 
 // isKept tells whether a header keeps one of the publisher's.
 func isKept(k string) bool {
-	return driverHeader(k) && len(k) > len(keptPrefix) && k[:len(keptPrefix)] == keptPrefix
+	return len(k) > len(keptPrefix) && strings.EqualFold(k[:len(keptPrefix)], keptPrefix)
 }
 
 // headerFrameSize is the size on the wire of the content header frame of
