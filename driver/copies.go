@@ -39,8 +39,6 @@ const (
 var brokerHeaders = map[string]bool{
 	"cc":                        true, // sender-selected distribution: more queues to route to
 	"bcc":                       true, // the same, removed before delivery
-	"x-cc":                      true, // how RabbitMQ 4 carries CC between protocols
-	"x-bcc":                     true,
 	"x-death":                   true, // dead-lettering history, rewritten by the broker
 	"x-delay":                   true, // delayed-message exchange plugin: the delay
 	"x-deduplication-header":    true, // message deduplication plugin: the key
