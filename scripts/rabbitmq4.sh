@@ -282,9 +282,13 @@ start() {
 	need_root
 	build
 	lock
-	mount_all
 	if beam_running; then
+		local listener
+		listener=$(sed -n 's/^listeners\.tcp\.1 = //p' "$DATA/rabbitmq.conf" 2>/dev/null || true)
+		[[ $listener == "${HOST}:${PORT}" ]] ||
+			die "$NODE already runs, listening on ${listener:-an unknown port}, not ${HOST}:${PORT}: make rabbitmq4-stop first to start it on another port"
 		log "$NODE already runs (tree $TREE)"
+		mount_all
 		await_port
 		await_startup
 	else
@@ -294,6 +298,7 @@ start() {
 		done
 		# A node that died leaves its data: start afresh.
 		rm -rf --one-file-system "$DATA"
+		mount_all
 		write_config
 		log "starting $NODE: AMQP ${HOST}:${PORT}, distribution port $DIST_PORT, data $DATA"
 		tree_argv rabbitmq-server
