@@ -166,11 +166,11 @@ RABBITMQ4_ENV = RABBITMQ4_PORT=$(RABBITMQ4_PORT) RABBITMQ4_CACHE=$(RABBITMQ4_CAC
 
 ## rabbitmq4: a RabbitMQ 4.x node for the tests, beside the machine's
 ## broker (never touching it): Debian 13's rabbitmq-server (4.0.5), in a
-## debootstrap tree under RABBITMQ4_CACHE built once (about 2 minutes),
+## debootstrap tree under RABBITMQ4_CACHE built once (about 100 s),
 ## run under chroot as rabbit4@localhost on 127.0.0.1:RABBITMQ4_PORT
 ## (default 5682, distribution on the next port), no plugins, with the
 ## deprecated features RabbitMQ 4.3 denies denied. Starts it if it is not
-## running (about 15 s) and prints AMQP_URL=... last. Needs root.
+## running (15-25 s) and prints AMQP_URL=... last. Needs root.
 ## bin/rabbitmq4/rabbitmqctl runs rabbitmqctl against it.
 rabbitmq4:
 	@$(RABBITMQ4_ENV) bash scripts/rabbitmq4.sh start
