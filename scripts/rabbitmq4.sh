@@ -93,21 +93,22 @@ remove_tree() {
 
 build() {
 	need_root
-	if tree_ok; then
-		log "tree ready: $TREE ($(cat "$STAMP"))"
-		return
-	fi
-	ensure_debootstrap
 	mkdir -p "$PARENT"
+	lock
 	# Builds go to a temporary directory beside the tree, renamed when
 	# complete: a build that died leaves only a .build-* directory, which
-	# the next build removes.
+	# the next start removes.
 	local d
 	for d in "$PARENT"/.build-"$(basename "$TREE")".*; do
 		[[ -d $d ]] || continue
 		log "removing an unfinished earlier build: $d"
 		remove_tree "$d"
 	done
+	if tree_ok; then
+		log "tree ready: $TREE ($(cat "$STAMP"))"
+		return
+	fi
+	ensure_debootstrap
 	if [[ -e $TREE ]]; then
 		log "removing an incomplete tree (no $(basename "$STAMP")): $TREE"
 		remove_tree "$TREE"
@@ -137,8 +138,12 @@ build() {
 	log "tree ready in $((SECONDS - started))s: $TREE (rabbitmq-server $version)"
 }
 
-# lock serializes start and stop (fd 9, held until the script exits).
+# lock serializes builds, starts and stops (fd 9, held until the script
+# exits; taken once: a second open of the file would wait for ourselves).
+LOCKED=
 lock() {
+	[[ -z $LOCKED ]] || return 0
+	LOCKED=1
 	exec 9>"$PARENT/.lock"
 	flock -w 300 9 || die "another start or stop of the node holds $PARENT/.lock (fuser -v $PARENT/.lock)"
 }
