@@ -154,3 +154,34 @@ SOAK_RATE ?= 1000
 ## duplicates, dead-lettered, lost (must be 0), cuts, latency p50/p99.
 soak:
 	SOAK_MESSAGES=$(SOAK_MESSAGES) SOAK_RATE=$(SOAK_RATE) $(GO) test -count=1 -tags 'integration soak' -run TestSoak -timeout 60m -v .
+
+# The RabbitMQ 4.x node of `make rabbitmq4` (scripts/rabbitmq4.sh): its
+# AMQP port on 127.0.0.1, and the tree it runs in (outside the checkout,
+# shared by every checkout of the machine).
+RABBITMQ4_PORT ?= 5682
+RABBITMQ4_CACHE ?= /var/cache/async-amqp/rabbitmq4-trixie
+RABBITMQ4_ENV = RABBITMQ4_PORT=$(RABBITMQ4_PORT) RABBITMQ4_CACHE=$(RABBITMQ4_CACHE)
+
+.PHONY: rabbitmq4 rabbitmq4-stop test-rabbitmq4
+
+## rabbitmq4: a RabbitMQ 4.x node for the tests, beside the machine's
+## broker (never touching it): Debian 13's rabbitmq-server (4.0.5), in a
+## debootstrap tree under RABBITMQ4_CACHE built once (about 100 s),
+## run under chroot as rabbit4@localhost on 127.0.0.1:RABBITMQ4_PORT
+## (default 5682, distribution on the next port), no plugins, with the
+## deprecated features RabbitMQ 4.3 denies denied. Starts it if it is not
+## running (15-25 s) and prints AMQP_URL=... last. Needs root.
+## bin/rabbitmq4/rabbitmqctl runs rabbitmqctl against it.
+rabbitmq4:
+	@$(RABBITMQ4_ENV) bash scripts/rabbitmq4.sh start
+
+## rabbitmq4-stop: stop that node (only it), remove its data, unmount what
+## it mounted; the tree stays for the next start.
+rabbitmq4-stop:
+	@$(RABBITMQ4_ENV) bash scripts/rabbitmq4.sh stop
+
+## test-rabbitmq4: make test against that node (started if needed), with
+## bin/rabbitmq4 first on PATH so the tests' rabbitmqctl reaches it.
+test-rabbitmq4: rabbitmq4
+	PATH="$(CURDIR)/bin/rabbitmq4:$$PATH" AMQP_URL=amqp://guest:guest@127.0.0.1:$(RABBITMQ4_PORT)/ \
+		$(RABBITMQ4_ENV) $(MAKE) test
