@@ -127,13 +127,17 @@ func rabbitMQ4Warnings(cfg config.Config) []string {
 	var out []string
 	if cfg.Topology == config.TopologyDeclare {
 		if !cfg.Durable && !cfg.Exclusive {
-			out = append(out, "durable false and exclusive false (the defaults) declare a transient, non-exclusive queue, "+
-				"as are the driver's retry queues then: RabbitMQ 4.3 and newer refuse to declare such queues (error 541) "+
-				"and the agent cannot start; set durable to true")
+			out = append(out, `durable false and exclusive false (the defaults) declare a queue that is neither durable nor exclusive: `+
+				`RabbitMQ 4.3 and newer refuse it (its deprecated feature transient_nonexcl_queues is denied by default; error 541) `+
+				`and the agent cannot start there; set "durable": true (or "exclusive": true, for a queue of one connection)`)
 		}
 		if mode, ok := cfg.QueueArgs["x-queue-mode"]; ok {
 			out = append(out, fmt.Sprintf("queue_args.x-queue-mode %v: RabbitMQ 4.3 and newer reject this argument "+
 				"(every classic queue stores its messages on disk the lazy way since 3.12); remove it", mode))
+		}
+		if _, ok := cfg.QueueArgs["x-queue-master-locator"]; ok {
+			out = append(out, "queue_args.x-queue-master-locator: RabbitMQ 4.3 and newer refuse it (its deprecated feature "+
+				"queue_master_locator is denied by default; error 541) and the agent cannot start there; remove it")
 		}
 		if v, ok := cfg.QueueArgs["x-queue-version"]; ok && fmt.Sprint(v) == "1" {
 			out = append(out, "queue_args.x-queue-version 1: RabbitMQ 4.3 and newer reject version 1 of the classic queue; "+

@@ -79,11 +79,21 @@ func TestTopologyFlagsAsConfigured(t *testing.T) {
 		{"exclusive", map[string]interface{}{"durable": false, "exclusive": true}, brokertest.QueueInfo{Exclusive: true}},
 		{"no-wait", map[string]interface{}{"durable": true, "no_wait": true}, brokertest.QueueInfo{Durable: true}},
 	}
+	denied := brokertest.DeniesTransientQueues(t)
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			f := newFixture(t)
 			be := newBackend(t, nil)
 			gw := startAgents(t, agentSpec{Name: c.name, Topic: "k", Workers: 1, Backend: be.URL, Block: block(f.queue, f.exchange, c.flags)})
+			if denied && !c.want.Durable && !c.want.Exclusive {
+				// RabbitMQ 4.3's rule: such a queue is refused, and the
+				// agent says what to change.
+				brokertest.Eventually(t, 30*time.Second, "the refusal in the log", func() bool {
+					return len(gw.lines(c.name, "transient_nonexcl_queues")) > 0
+				})
+				gw.expectLogs(t, "ERROR", "neither durable nor exclusive", `set "durable": true`)
+				return
+			}
 			gw.waitPing(t, c.name)
 
 			q, ok := brokertest.Queue(t, f.queue)
@@ -108,8 +118,9 @@ func TestTopologyFlagsAsConfigured(t *testing.T) {
 func TestAutoDeleteQueueGoesWithItsConsumer(t *testing.T) {
 	f := newFixture(t)
 	be := newBackend(t, nil)
+	// Durable, so that RabbitMQ 4.3 allows it: auto-delete is the point.
 	gw := startAgents(t, agentSpec{Name: "ad", Topic: "k", Workers: 1, Backend: be.URL,
-		Block: block(f.queue, f.exchange, map[string]interface{}{"durable": false, "delete": true})})
+		Block: block(f.queue, f.exchange, map[string]interface{}{"durable": true, "delete": true})})
 	gw.waitPing(t, "ad")
 	gw.stop(t)
 	brokertest.Eventually(t, 10*time.Second, "the auto-delete queue to go", func() bool {

@@ -468,7 +468,8 @@ func TestSetupFailuresAreClearAndBounded(t *testing.T) {
 					t.Fatal(err)
 				}
 				defer ch.Close()
-				if _, err := ch.QueueDeclare(f.queue, false, false, false, false, nil); err != nil {
+				args := amqp.Table{"x-max-length": int32(5)}
+				if _, err := ch.QueueDeclare(f.queue, true, false, false, false, args); err != nil {
 					t.Fatal(err)
 				}
 			},
@@ -556,5 +557,61 @@ func TestSetupFailuresAreClearAndBounded(t *testing.T) {
 				t.Errorf("the agent consumed although its setup fails:\n%s", logs)
 			}
 		})
+	}
+}
+
+// A queue that is neither durable nor exclusive: RabbitMQ 3.x declares
+// it; RabbitMQ 4.3 (the deprecated feature transient_nonexcl_queues
+// denied) refuses it, closing the connection with 541. There the agent
+// says at ERROR what to change and which rule, tries once per step of
+// its backoff (one connection each), and gives up after max_retries.
+func TestTransientQueueFollowsTheBrokersRule(t *testing.T) {
+	f := newFixture(t)
+	p := brokertest.NewProxy(t, "")
+	be := newBackend(t, nil)
+	const agent = "transient-rule"
+	spec := agentSpec{Name: agent, Topic: "k", Workers: 1, Backend: be.URL,
+		Block: block(f.queue, f.exchange, map[string]interface{}{"host": p.URL(), "durable": false})}
+	const maxRetries = 2
+	gw := startRaw(t, withConnection(spec.entry(), maxRetries, "linear"))
+	if !brokertest.DeniesTransientQueues(t) {
+		t.Logf("RabbitMQ %s allows transient queues", brokertest.Version(t))
+		gw.waitPing(t, agent)
+		f.pub.Publish(f.exchange, "k", amqp.Publishing{MessageId: "1", Body: []byte(`{}`)})
+		brokertest.Eventually(t, 10*time.Second, "the message at the backend", func() bool { return be.count() == 1 })
+		if q, ok := brokertest.Queue(t, f.queue); !ok || q.Durable || q.Exclusive {
+			t.Errorf("queue %+v, want a transient, non-exclusive one", q)
+		}
+		return
+	}
+	t.Logf("RabbitMQ %s denies transient queues", brokertest.Version(t))
+	brokertest.Eventually(t, 30*time.Second, "the agent to give up", func() bool {
+		return len(gw.lines(agent, "giving up")) > 0
+	})
+	logs := gw.logs.String()
+	refusals := gw.lines(agent, "ERROR")
+	if len(refusals) != maxRetries+1 {
+		t.Errorf("%d ERROR lines, want %d (one per attempt):\n%s", len(refusals), maxRetries+1, logs)
+	}
+	for _, l := range gw.lines(agent, "; retry ") {
+		for _, want := range []string{"ERROR", f.queue, "transient_nonexcl_queues", "neither durable nor exclusive",
+			`set "durable": true`, "RabbitMQ 4.3"} {
+			if !strings.Contains(l, want) {
+				t.Errorf("a refusal line lacks %q: %s", want, l)
+			}
+		}
+	}
+	// One connection per attempt, the linear backoff's 1 s and 2 s apart.
+	accepts := p.Accepts()
+	if len(accepts) != maxRetries+1 {
+		t.Fatalf("%d connections, want %d: one per attempt", len(accepts), maxRetries+1)
+	}
+	for i, want := range []time.Duration{time.Second, 2 * time.Second} {
+		if gap := accepts[i+1].Sub(accepts[i]); gap < want-100*time.Millisecond {
+			t.Errorf("attempt %d came %s after the one before, want the backoff's %s", i+2, gap, want)
+		}
+	}
+	if len(gw.lines(agent, "consuming queue")) != 0 {
+		t.Errorf("the agent consumed although the broker refuses its queue:\n%s", logs)
 	}
 }

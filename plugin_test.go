@@ -646,6 +646,7 @@ func TestWarnings(t *testing.T) {
 		{map[string]interface{}{"queue_args": map[string]interface{}{"x-queue-mode": "lazy"}}, []string{"x-queue-mode lazy: RabbitMQ 4.3"}},
 		{map[string]interface{}{"queue_args": map[string]interface{}{"x-queue-version": 1}}, []string{"x-queue-version 1: RabbitMQ 4.3"}},
 		{map[string]interface{}{"queue_args": map[string]interface{}{"x-queue-version": 2}}, nil},
+		{map[string]interface{}{"queue_args": map[string]interface{}{"x-queue-master-locator": "min-masters"}}, []string{"x-queue-master-locator: RabbitMQ 4.3 and newer refuse it"}},
 		{map[string]interface{}{"queue_args": map[string]interface{}{"x-queue-type": "quorum"}}, []string{"x-delivery-limit: RabbitMQ 4.0 and newer give it a limit of 20"}},
 		{map[string]interface{}{"queue_args": map[string]interface{}{"x-queue-type": "quorum", "x-delivery-limit": 50}}, nil},
 	} {

@@ -469,8 +469,15 @@ func declareFailurePaths(conn *amqp.Connection, ch *amqp.Channel, s Settings) er
 func declareRetryQueue(ch *amqp.Channel, s Settings, d time.Duration) error {
 	name := RetryQueue(s.Queue, d)
 	args := retryQueueArgs(s, d)
-	if _, err := ch.QueueDeclare(name, s.Durable, false, false, false, args); err != nil {
-		if isCode(err, amqp.PreconditionFailed) {
+	// Exclusive like an exclusive work queue: RabbitMQ 4.3 refuses a
+	// queue that is neither durable nor exclusive, and the retries of a
+	// queue of one connection go with it anyway.
+	const autoDelete, noWait = false, false
+	if _, err := ch.QueueDeclare(name, s.Durable, autoDelete, s.Exclusive, noWait, args); err != nil {
+		if denied := deniedFeature(err, name, s.Topology); denied != nil {
+			return denied
+		}
+		if isCode(err, amqp.PreconditionFailed) || isCode(err, amqp.ResourceLocked) {
 			return fmt.Errorf("declare retry queue %q: it exists with other arguments than %v (declared by an earlier "+
 				"version or another agent?): delete it once it is empty, and the agent declares it again; the broker says: %w", name, args, err)
 		}
@@ -585,6 +592,9 @@ func exchangeError(err error, t Topology) error {
 }
 
 func queueError(err error, t Topology) error {
+	if denied := deniedFeature(err, t.Queue, t); denied != nil {
+		return denied
+	}
 	switch {
 	case isCode(err, amqp.PreconditionFailed):
 		return fmt.Errorf("declare queue %q: it already exists with other settings than this agent's "+

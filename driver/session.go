@@ -51,7 +51,14 @@ func (a *Agent) Run(ctx context.Context) error {
 			return ErrGaveUp
 		}
 		wait := a.backoff(retries)
-		a.log.Warning(fmt.Sprintf("%s; retry %d in %s", oneLine(err), retries, wait))
+		line := fmt.Sprintf("%s; retry %d in %s", oneLine(err), retries, wait)
+		// A feature the broker denies is the configuration's to mend, not
+		// the network's: it is an error, not a passing fault.
+		if denied := (*consumer.DeniedFeatureError)(nil); errors.As(err, &denied) {
+			a.log.Error(line)
+		} else {
+			a.log.Warning(line)
+		}
 		if !sleep(ctx, wait) {
 			a.log.Info("stopped")
 			return nil

@@ -20,10 +20,11 @@ type Proxy struct {
 	target string
 	wg     sync.WaitGroup // the accept loop and every link's goroutines
 
-	mu     sync.Mutex
-	links  map[*link]struct{}
-	paused bool
-	closed bool
+	mu      sync.Mutex
+	links   map[*link]struct{}
+	paused  bool
+	closed  bool
+	accepts []time.Time // when each client connection was taken
 }
 
 // link is one client connection and, once dialled, its broker side.
@@ -72,6 +73,14 @@ func brokerAddr(t testing.TB) string {
 		port = "5671"
 	}
 	return net.JoinHostPort(u.Hostname(), port)
+}
+
+// Accepts tells when each client connection the proxy forwarded was
+// taken, in order.
+func (p *Proxy) Accepts() []time.Time {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return append([]time.Time(nil), p.accepts...)
 }
 
 // Addr is the proxy's listening address, host:port.
@@ -166,6 +175,7 @@ func (p *Proxy) accept() {
 		}
 		l := &link{client: conn}
 		p.links[l] = struct{}{}
+		p.accepts = append(p.accepts, time.Now())
 		p.wg.Add(1)
 		p.mu.Unlock()
 		go p.forward(l)
