@@ -89,7 +89,7 @@ func TestTopologyFlagsAsConfigured(t *testing.T) {
 				// RabbitMQ 4.3's rule: such a queue is refused, and the
 				// agent says what to change.
 				brokertest.Eventually(t, 30*time.Second, "the refusal in the log", func() bool {
-					return len(gw.lines(c.name, "transient_nonexcl_queues")) > 0
+					return len(gw.lines(c.name, "denies its deprecated feature transient_nonexcl_queues")) > 0
 				})
 				gw.expectLogs(t, "ERROR", "neither durable nor exclusive", `set "durable": true`)
 				return

@@ -186,7 +186,7 @@ func TestOpenReturnsWhenCancelledWhileTheBrokerStalls(t *testing.T) {
 	go func() {
 		sess, err := Open(ctx, Settings{
 			URLs: []string{p.URL(t)}, Name: "open-stall", DialTimeout: 10 * time.Second,
-			Topology:      Topology{Exchange: exchange, ExchangeType: "topic", Queue: queue, RoutingKeys: []string{"k"}},
+			Topology:      Topology{Exchange: exchange, ExchangeType: "topic", Queue: queue, RoutingKeys: []string{"k"}, Durable: true},
 			PrefetchCount: 1,
 		})
 		opened <- result{sess, err}

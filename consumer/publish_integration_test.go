@@ -112,7 +112,7 @@ func TestPublishRefusalsKeepTheBrokersCode(t *testing.T) {
 	defer cancel()
 	sess, err := Open(ctx, Settings{
 		URLs: []string{brokertest.URL()}, Name: "refusals",
-		Topology:      Topology{Exchange: exchange, ExchangeType: "topic", Queue: queue, RoutingKeys: []string{"k"}},
+		Topology:      Topology{Exchange: exchange, ExchangeType: "topic", Queue: queue, RoutingKeys: []string{"k"}, Durable: true},
 		PrefetchCount: 1, Publish: true,
 	})
 	if err != nil {
