@@ -54,9 +54,9 @@ func validate(agent *luraconfig.AsyncAgent, cfg config.Config, parseErr error) (
 	var errs []error
 	var tlsConfig *tls.Config
 	if parseErr != nil {
-		errs = append(errs, blockErrors(agent, parseErr))
+		errs = append(errs, blockErrors(agent, cfg, parseErr))
 	} else if t, err := cfg.TLS.Load(); err != nil {
-		errs = append(errs, blockErrors(agent, err))
+		errs = append(errs, blockErrors(agent, cfg, err))
 	} else {
 		tlsConfig = t
 	}
@@ -65,7 +65,7 @@ func validate(agent *luraconfig.AsyncAgent, cfg config.Config, parseErr error) (
 	} else if parseErr == nil && len(cfg.RoutingKeys) == 0 {
 		// Parse checked routing_keys; the binding is consumer.topic.
 		if err := cfg.CheckDeadLetterLoop(agent.Consumer.Topic); err != nil {
-			errs = append(errs, blockErrors(agent, err))
+			errs = append(errs, blockErrors(agent, cfg, err))
 		}
 	}
 	if agent.Consumer.MaxRate < 0 {
@@ -108,6 +108,11 @@ func Warnings(agent *luraconfig.AsyncAgent) []string {
 
 func warnings(cfg config.Config) []string {
 	var out []string
+	if m := cfg.Source.Misplaced; len(m) > 0 {
+		out = append(out, fmt.Sprintf("%s: %s: deprecated placement, still read: KrakenD's schema allows only its own "+
+			"fields in %s, so `krakend check --lint` fails on %s; move %s to %s",
+			config.Path(cfg.KeyOf("")), strings.Join(m, ", "), config.Namespace, them(m), them(m), config.Path(config.ExtensionNamespace)))
+	}
 	if cfg.TLS.InsecureSkipVerify {
 		out = append(out, "tls.insecure_skip_verify is set: the broker's certificate is not verified")
 	}
@@ -160,24 +165,37 @@ func needsTopic(cfg config.Config) bool {
 	return len(cfg.RoutingKeys) == 0 && cfg.ExchangeType != "fanout" && cfg.Topology == config.TopologyDeclare
 }
 
+func them(list []string) string {
+	if len(list) == 1 {
+		return "it"
+	}
+	return "them"
+}
+
 // blockErrors names the agent and the path of each problem of its
-// driver block, e.g. extra_config.async/amqp.prefetch_count.
-func blockErrors(agent *luraconfig.AsyncAgent, err error) error {
+// driver blocks, in the block the user wrote the field in, e.g.
+// extra_config.async/amqp.prefetch_count or
+// extra_config.github.com/krakend-contrib/async-amqp.retry.delay.
+func blockErrors(agent *luraconfig.AsyncAgent, cfg config.Config, err error) error {
 	if errors.Is(err, config.ErrNoConfig) {
 		return fmt.Errorf("agent %q: %w", agent.Name, err)
-	}
-	path := "extra_config." + Namespace
-	if _, ok := agent.ExtraConfig[Namespace]; !ok {
-		path = "extra_config." + LegacyNamespace
 	}
 	var errs []error
 	for _, e := range config.Errors(err) {
 		var field *config.FieldError
-		if errors.As(e, &field) {
-			errs = append(errs, fmt.Errorf("agent %q: %s.%w", agent.Name, path, e))
+		if !errors.As(e, &field) {
+			errs = append(errs, fmt.Errorf("agent %q: %s: %w", agent.Name, config.Path(cfg.KeyOf("")), e))
 			continue
 		}
-		errs = append(errs, fmt.Errorf("agent %q: %s: %w", agent.Name, path, e))
+		key := field.Key
+		if key == "" {
+			key = cfg.KeyOf(field.Field)
+		}
+		if field.Field == "" {
+			errs = append(errs, fmt.Errorf("agent %q: %s: %w", agent.Name, config.Path(key), e))
+			continue
+		}
+		errs = append(errs, fmt.Errorf("agent %q: %s.%w", agent.Name, config.Path(key), e))
 	}
 	return errors.Join(errs...)
 }

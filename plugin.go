@@ -37,6 +37,12 @@ const Namespace = config.Namespace
 // LegacyNamespace is the key of KrakenD's own AMQP driver, also accepted.
 const LegacyNamespace = config.LegacyNamespace
 
+// ExtensionNamespace is the key of the block, beside Namespace, that holds
+// the driver's own fields (retry, dead_letter, tls, ...): KrakenD's schema
+// allows only its own fields in Namespace, so `krakend check --lint`
+// passes. Extension fields still read from Namespace are deprecated.
+const ExtensionNamespace = config.ExtensionNamespace
+
 // StartAgent has the type of Lura's async.Factory. It returns false, at
 // once and with no I/O, when the agent has no block for this driver, so
 // another factory may take it. Otherwise the agent is this driver's: a

@@ -68,7 +68,7 @@ func inspect(cfg *luraconfig.ServiceConfig) findings {
 			f.warnings = append(f.warnings, fmt.Sprintf("agent %q: name: used by more than one agent; /__health cannot tell them apart", agent.Name))
 		}
 		seen[agent.Name] = true
-		if !hasDriverBlock(agent.ExtraConfig) {
+		if _, ext := agent.ExtraConfig[asyncamqp.ExtensionNamespace]; !ext && !hasDriverBlock(agent.ExtraConfig) {
 			f.warnings = append(f.warnings, fmt.Sprintf("agent %q: extra_config: no %q block; no driver in this gateway starts it", agent.Name, asyncamqp.Namespace))
 			continue
 		}
