@@ -26,12 +26,40 @@ func Check(agent *luraconfig.AsyncAgent) error {
 	return err
 }
 
-// prepared is an agent ready to start: its block parsed and its TLS
+// prepared is an agent ready to start: its blocks parsed and its TLS
 // configuration loaded, each once.
 type prepared struct {
 	cfg config.Config
 	tls *tls.Config
 }
+
+// Prepared is an agent Prepare found valid, ready to start: its blocks
+// parsed and its TLS files read, once.
+type Prepared struct {
+	agent *luraconfig.AsyncAgent
+	p     prepared
+}
+
+// Prepare validates an agent as Check does and, when it is valid, readies
+// it to start as StartAgent would: it rewrites its backends' url_pattern
+// placeholders in place into Lura's form. A factory given the result with
+// WithPrepared starts that agent without parsing its blocks or reading
+// its TLS files again. A gateway that checks its file before it starts
+// the agents calls Prepare in place of Check and Warnings.
+func Prepare(agent *luraconfig.AsyncAgent) (*Prepared, error) {
+	if agent == nil {
+		return nil, errors.New("no agent to prepare")
+	}
+	cfg, err := config.FromExtraConfig(agent.ExtraConfig)
+	p, err := prepare(agent, cfg, err)
+	if err != nil {
+		return nil, err
+	}
+	return &Prepared{agent: agent, p: p}, nil
+}
+
+// Warnings are what Warnings says of the agent.
+func (p *Prepared) Warnings() []string { return agentWarnings(p.agent, p.p.cfg) }
 
 // prepare validates an agent as Check does, from its block parsed once,
 // and rewrites its backends' url_pattern placeholders ({routing_key})
@@ -99,6 +127,10 @@ func Warnings(agent *luraconfig.AsyncAgent) []string {
 	if err != nil {
 		return nil
 	}
+	return agentWarnings(agent, cfg)
+}
+
+func agentWarnings(agent *luraconfig.AsyncAgent, cfg config.Config) []string {
 	var out []string
 	for _, w := range warnings(cfg) {
 		out = append(out, fmt.Sprintf("agent %q: %s", agent.Name, w))

@@ -73,19 +73,25 @@ func start(ctx context.Context, opts async.Options, s settings) bool {
 	if opts.Agent == nil {
 		return false
 	}
-	cfg, err := config.FromExtraConfig(opts.Agent.ExtraConfig)
-	if errors.Is(err, config.ErrNoConfig) {
-		return false
+	p, ready := s.prepared[opts.Agent]
+	var cfg config.Config
+	var err error
+	if !ready {
+		cfg, err = config.FromExtraConfig(opts.Agent.ExtraConfig)
+		if errors.Is(err, config.ErrNoConfig) {
+			return false
+		}
 	}
 	logger := opts.Logger
 	if logger == nil {
 		logger = logging.NoOp
 	}
 	prefix := driver.LogPrefix(opts.Agent.Name)
-	p, err := prepare(opts.Agent, cfg, err)
-	if err != nil {
-		logger.Error(prefix, "not started, invalid configuration:", strings.ReplaceAll(err.Error(), "\n", "; "))
-		return true
+	if !ready {
+		if p, err = prepare(opts.Agent, cfg, err); err != nil {
+			logger.Error(prefix, "not started, invalid configuration:", driver.OneLine(err))
+			return true
+		}
 	}
 	for _, w := range warnings(p.cfg) {
 		logger.Warning(prefix, w)
@@ -95,7 +101,7 @@ func start(ctx context.Context, opts async.Options, s settings) bool {
 	agentOpts.MeterProvider, agentOpts.TracerProvider, agentOpts.Propagator = s.providers(logger, prefix)
 	agent, err := driver.New(agentOpts)
 	if err != nil {
-		logger.Error(prefix, "not started, invalid configuration:", strings.ReplaceAll(err.Error(), "\n", "; "))
+		logger.Error(prefix, "not started, invalid configuration:", driver.OneLine(err))
 		return true
 	}
 	opts.G.Go(func() error {

@@ -493,7 +493,7 @@ func TestPluginCheck(t *testing.T) {
 				}
 			}
 			if err == nil {
-				if err := asyncamqp.Prepare(a); err != nil {
+				if _, err := asyncamqp.Prepare(a); err != nil {
 					fail("Prepare: %v", err)
 				}
 			}
@@ -520,7 +520,7 @@ func TestPluginCheck(t *testing.T) {
 			}
 		}
 		for i := 0; i < 2; i++ {
-			if err := asyncamqp.Prepare(a); err != nil {
+			if _, err := asyncamqp.Prepare(a); err != nil {
 				t.Fatalf("Prepare #%d: %v", i+1, err)
 			}
 		}
@@ -864,4 +864,46 @@ func mergeMaps(a, b map[string]interface{}) map[string]interface{} {
 		out[k] = v
 	}
 	return out
+}
+
+// TestWithPreparedParsesOnce: a factory given a Prepared agent starts it
+// from what Prepare found; it does not read the agent's blocks again.
+func TestWithPreparedParsesOnce(t *testing.T) {
+	agent := unitAgent("once", blocks(unitBlock(map[string]interface{}{"durable": true, "shutdown_timeout": "5s"})))
+	p, err := asyncamqp.Prepare(agent)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.Config().ShutdownTimeout != 5*time.Second || len(p.Warnings()) != 0 {
+		t.Fatalf("Prepare: %+v, warnings %q", p.Config(), p.Warnings())
+	}
+	// Were the blocks read again, the agent would not start.
+	agent.ExtraConfig[asyncamqp.Namespace] = map[string]interface{}{"prefetch_count": "ten"}
+	logger, buf := unitLogger(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	var g errgroup.Group
+	ok := asyncamqp.NewFactory(asyncamqp.WithPrepared(p))(ctx, async.Options{
+		Agent:          agent,
+		Proxy:          noProxy(t),
+		G:              &g,
+		ShouldContinue: func(int) bool { return false },
+		BackoffF:       func(int) time.Duration { return time.Millisecond },
+		Logger:         logger,
+	})
+	if !ok {
+		t.Fatal("the factory did not take the prepared agent")
+	}
+	if err := g.Wait(); err != nil {
+		t.Errorf("the agent returned %v into the errgroup", err)
+	}
+	if strings.Contains(buf.String(), "invalid configuration") {
+		t.Errorf("the factory parsed the blocks again:\n%s", buf.String())
+	}
+	// Another agent is parsed as usual.
+	other := unitAgent("other", luraconfig.ExtraConfig{asyncamqp.Namespace: map[string]interface{}{"prefetch_count": "ten"}})
+	if !asyncamqp.NewFactory(asyncamqp.WithPrepared(p))(ctx, async.Options{Agent: other, G: &g, Logger: logger}) ||
+		!strings.Contains(buf.String(), `agent "other": extra_config.async/amqp.prefetch_count`) {
+		t.Errorf("an agent not prepared was not parsed:\n%s", buf.String())
+	}
 }

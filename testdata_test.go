@@ -65,7 +65,7 @@ func TestTestdataValidFixtures(t *testing.T) {
 					t.Errorf("agent %q: Check: %v", agent.Name, err)
 					continue
 				}
-				if err := asyncamqp.Prepare(agent); err != nil {
+				if _, err := asyncamqp.Prepare(agent); err != nil {
 					t.Errorf("agent %q: Prepare: %v", agent.Name, err)
 					continue
 				}
