@@ -13,8 +13,8 @@ import (
 	"github.com/krakend-contrib/async-amqp/driver"
 )
 
-// Check validates an agent for this driver: its driver block (and the
-// TLS files it names) and the Lura fields the driver relies on. Every
+// Check validates an agent for this driver: its driver blocks, async/amqp
+// and ExtensionNamespace beside it (and the TLS files they name) and the Lura fields the driver relies on. Every
 // error names the agent and the field. It changes nothing: StartAgent
 // rewrites the url_pattern placeholders when it starts the agent.
 func Check(agent *luraconfig.AsyncAgent) error {
@@ -116,7 +116,9 @@ func validate(agent *luraconfig.AsyncAgent, cfg config.Config, parseErr error) (
 
 // Warnings lists what in a valid agent works but costs something the
 // operator should know, one line each naming the agent and the field: an
-// unverified broker certificate, retries on a queue that can vanish. It
+// unverified broker certificate, retries on a queue that can vanish, the
+// driver's own fields still in async/amqp (deprecated: KrakenD's schema
+// refuses them there, so `krakend check --lint` fails). It
 // says nothing of an agent this driver does not take or that Check
 // refuses.
 func Warnings(agent *luraconfig.AsyncAgent) []string {

@@ -2,7 +2,10 @@
 // StartAgent to a Lura/KrakenD build's async.AgentStarter, ahead of any
 // other AMQP factory, and every async_agent whose extra_config holds an
 // "async/amqp" block (or KrakenD's legacy key) consumes its RabbitMQ queue
-// and pushes each message through the agent's backend pipeline.
+// and pushes each message through the agent's backend pipeline. The
+// driver's own fields (retry, dead_letter, tls, ...) go in a block of
+// their own beside it, under ExtensionNamespace, so that the file passes
+// `krakend check --lint`.
 //
 // StartAgent records metrics and traces on OpenTelemetry's globals. A
 // build that keeps its telemetry elsewhere, as KrakenD does, uses the
