@@ -13,8 +13,8 @@ import (
 	"github.com/krakend-contrib/async-amqp/driver"
 )
 
-// Check validates an agent for this driver: its driver block (and the
-// TLS files it names) and the Lura fields the driver relies on. Every
+// Check validates an agent for this driver: its driver blocks, async/amqp
+// and ExtensionNamespace beside it (and the TLS files they name) and the Lura fields the driver relies on. Every
 // error names the agent and the field. It changes nothing: StartAgent
 // rewrites the url_pattern placeholders when it starts the agent.
 func Check(agent *luraconfig.AsyncAgent) error {
@@ -26,12 +26,40 @@ func Check(agent *luraconfig.AsyncAgent) error {
 	return err
 }
 
-// prepared is an agent ready to start: its block parsed and its TLS
+// prepared is an agent ready to start: its blocks parsed and its TLS
 // configuration loaded, each once.
 type prepared struct {
 	cfg config.Config
 	tls *tls.Config
 }
+
+// Prepared is an agent Prepare found valid, ready to start: its blocks
+// parsed and its TLS files read, once.
+type Prepared struct {
+	agent *luraconfig.AsyncAgent
+	p     prepared
+}
+
+// Prepare validates an agent as Check does and, when it is valid, readies
+// it to start as StartAgent would: it rewrites its backends' url_pattern
+// placeholders in place into Lura's form. A factory given the result with
+// WithPrepared starts that agent without parsing its blocks or reading
+// its TLS files again. A gateway that checks its file before it starts
+// the agents calls Prepare in place of Check and Warnings.
+func Prepare(agent *luraconfig.AsyncAgent) (*Prepared, error) {
+	if agent == nil {
+		return nil, errors.New("no agent to prepare")
+	}
+	cfg, err := config.FromExtraConfig(agent.ExtraConfig)
+	p, err := prepare(agent, cfg, err)
+	if err != nil {
+		return nil, err
+	}
+	return &Prepared{agent: agent, p: p}, nil
+}
+
+// Warnings are what Warnings says of the agent.
+func (p *Prepared) Warnings() []string { return agentWarnings(p.agent, p.p.cfg) }
 
 // prepare validates an agent as Check does, from its block parsed once,
 // and rewrites its backends' url_pattern placeholders ({routing_key})
@@ -54,9 +82,9 @@ func validate(agent *luraconfig.AsyncAgent, cfg config.Config, parseErr error) (
 	var errs []error
 	var tlsConfig *tls.Config
 	if parseErr != nil {
-		errs = append(errs, blockErrors(agent, parseErr))
+		errs = append(errs, blockErrors(agent, cfg, parseErr))
 	} else if t, err := cfg.TLS.Load(); err != nil {
-		errs = append(errs, blockErrors(agent, err))
+		errs = append(errs, blockErrors(agent, cfg, err))
 	} else {
 		tlsConfig = t
 	}
@@ -65,7 +93,7 @@ func validate(agent *luraconfig.AsyncAgent, cfg config.Config, parseErr error) (
 	} else if parseErr == nil && len(cfg.RoutingKeys) == 0 {
 		// Parse checked routing_keys; the binding is consumer.topic.
 		if err := cfg.CheckDeadLetterLoop(agent.Consumer.Topic); err != nil {
-			errs = append(errs, blockErrors(agent, err))
+			errs = append(errs, blockErrors(agent, cfg, err))
 		}
 	}
 	if agent.Consumer.MaxRate < 0 {
@@ -88,7 +116,9 @@ func validate(agent *luraconfig.AsyncAgent, cfg config.Config, parseErr error) (
 
 // Warnings lists what in a valid agent works but costs something the
 // operator should know, one line each naming the agent and the field: an
-// unverified broker certificate, retries on a queue that can vanish. It
+// unverified broker certificate, retries on a queue that can vanish, the
+// driver's own fields still in async/amqp (deprecated: KrakenD's schema
+// refuses them there, so `krakend check --lint` fails). It
 // says nothing of an agent this driver does not take or that Check
 // refuses.
 func Warnings(agent *luraconfig.AsyncAgent) []string {
@@ -99,6 +129,10 @@ func Warnings(agent *luraconfig.AsyncAgent) []string {
 	if err != nil {
 		return nil
 	}
+	return agentWarnings(agent, cfg)
+}
+
+func agentWarnings(agent *luraconfig.AsyncAgent, cfg config.Config) []string {
 	var out []string
 	for _, w := range warnings(cfg) {
 		out = append(out, fmt.Sprintf("agent %q: %s", agent.Name, w))
@@ -108,6 +142,11 @@ func Warnings(agent *luraconfig.AsyncAgent) []string {
 
 func warnings(cfg config.Config) []string {
 	var out []string
+	if m := cfg.Source.Misplaced; len(m) > 0 {
+		out = append(out, fmt.Sprintf("%s: %s: deprecated placement, still read: KrakenD's schema allows only its own "+
+			"fields in %s, so `krakend check --lint` fails on %s; move %s to %s",
+			config.Path(cfg.KeyOf("")), strings.Join(m, ", "), config.Namespace, them(m), them(m), config.Path(config.ExtensionNamespace)))
+	}
 	if cfg.TLS.InsecureSkipVerify {
 		out = append(out, "tls.insecure_skip_verify is set: the broker's certificate is not verified")
 	}
@@ -160,24 +199,37 @@ func needsTopic(cfg config.Config) bool {
 	return len(cfg.RoutingKeys) == 0 && cfg.ExchangeType != "fanout" && cfg.Topology == config.TopologyDeclare
 }
 
+func them(list []string) string {
+	if len(list) == 1 {
+		return "it"
+	}
+	return "them"
+}
+
 // blockErrors names the agent and the path of each problem of its
-// driver block, e.g. extra_config.async/amqp.prefetch_count.
-func blockErrors(agent *luraconfig.AsyncAgent, err error) error {
+// driver blocks, in the block the user wrote the field in, e.g.
+// extra_config.async/amqp.prefetch_count or
+// extra_config.github.com/krakend-contrib/async-amqp.retry.delay.
+func blockErrors(agent *luraconfig.AsyncAgent, cfg config.Config, err error) error {
 	if errors.Is(err, config.ErrNoConfig) {
 		return fmt.Errorf("agent %q: %w", agent.Name, err)
-	}
-	path := "extra_config." + Namespace
-	if _, ok := agent.ExtraConfig[Namespace]; !ok {
-		path = "extra_config." + LegacyNamespace
 	}
 	var errs []error
 	for _, e := range config.Errors(err) {
 		var field *config.FieldError
-		if errors.As(e, &field) {
-			errs = append(errs, fmt.Errorf("agent %q: %s.%w", agent.Name, path, e))
+		if !errors.As(e, &field) {
+			errs = append(errs, fmt.Errorf("agent %q: %s: %w", agent.Name, config.Path(cfg.KeyOf("")), e))
 			continue
 		}
-		errs = append(errs, fmt.Errorf("agent %q: %s: %w", agent.Name, path, e))
+		key := field.Key
+		if key == "" {
+			key = cfg.KeyOf(field.Field)
+		}
+		if field.Field == "" {
+			errs = append(errs, fmt.Errorf("agent %q: %s: %w", agent.Name, config.Path(key), e))
+			continue
+		}
+		errs = append(errs, fmt.Errorf("agent %q: %s.%w", agent.Name, config.Path(key), e))
 	}
 	return errors.Join(errs...)
 }

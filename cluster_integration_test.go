@@ -437,7 +437,7 @@ func clusterAgent(name, backend string, gw int, queue string, blk map[string]int
 			"host": []string{backend}, "url_pattern": fmt.Sprintf("/g/%d", gw),
 			"method": "POST", "encoding": "no-op",
 		}},
-		"extra_config": map[string]interface{}{"async/amqp": blk},
+		"extra_config": blocks(blk),
 	}
 }
 

@@ -251,9 +251,11 @@ func TestFailingBackendIsRetriedUntilItSucceeds(t *testing.T) {
 		}
 		return http.StatusOK
 	})
-	gw := startAgents(t, agentSpec{Name: "retry", Topic: "k", Workers: 1, Backend: be.URL,
+	// The deprecated placement, retry in async/amqp, still works.
+	gw := startAgents(t, agentSpec{Name: "retry", Topic: "k", Workers: 1, Backend: be.URL, OldPlacement: true,
 		Block: block(f.queue, f.exchange, map[string]interface{}{"retry": fastRetry(5)})})
 	gw.waitPing(t, "retry")
+	gw.expectLogs(t, "extra_config.async/amqp: retry: deprecated placement, still read")
 	f.pub.PublishN(f.exchange, "k", 20, jsonBody)
 	brokertest.Eventually(t, 30*time.Second, "60 calls", func() bool { return calls.Load() >= 60 })
 	f.waitEmpty(t)

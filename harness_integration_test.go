@@ -109,7 +109,12 @@ type agentSpec struct {
 	Backend  string
 	Pattern  string
 	Encoding string
-	Block    map[string]interface{}
+	// Block holds every field of the driver: entry puts KrakenD's under
+	// async/amqp and the driver's own in their block beside it.
+	Block map[string]interface{}
+	// OldPlacement keeps every field in async/amqp, the deprecated
+	// placement, which still works.
+	OldPlacement bool
 }
 
 func (s agentSpec) entry() map[string]interface{} {
@@ -125,14 +130,16 @@ func (s agentSpec) entry() map[string]interface{} {
 	if timeout == "" {
 		timeout = "2s"
 	}
+	extra := blocks(s.Block)
+	if s.OldPlacement {
+		extra = luraconfig.ExtraConfig{asyncamqp.Namespace: s.Block}
+	}
 	return map[string]interface{}{
-		"name":       s.Name,
-		"connection": map[string]interface{}{"max_retries": 3, "backoff_strategy": "linear", "health_interval": "1s"},
-		"consumer":   map[string]interface{}{"topic": s.Topic, "workers": s.Workers, "timeout": timeout, "max_rate": s.MaxRate},
-		"backend":    []interface{}{be},
-		"extra_config": map[string]interface{}{
-			asyncamqp.Namespace: s.Block,
-		},
+		"name":         s.Name,
+		"connection":   map[string]interface{}{"max_retries": 3, "backoff_strategy": "linear", "health_interval": "1s"},
+		"consumer":     map[string]interface{}{"topic": s.Topic, "workers": s.Workers, "timeout": timeout, "max_rate": s.MaxRate},
+		"backend":      []interface{}{be},
+		"extra_config": extra,
 	}
 }
 

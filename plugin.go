@@ -2,7 +2,10 @@
 // StartAgent to a Lura/KrakenD build's async.AgentStarter, ahead of any
 // other AMQP factory, and every async_agent whose extra_config holds an
 // "async/amqp" block (or KrakenD's legacy key) consumes its RabbitMQ queue
-// and pushes each message through the agent's backend pipeline.
+// and pushes each message through the agent's backend pipeline. The
+// driver's own fields (retry, dead_letter, tls, ...) go in a block of
+// their own beside it, under ExtensionNamespace, so that the file passes
+// `krakend check --lint`.
 //
 // StartAgent records metrics and traces on OpenTelemetry's globals. A
 // build that keeps its telemetry elsewhere, as KrakenD does, uses the
@@ -37,6 +40,12 @@ const Namespace = config.Namespace
 // LegacyNamespace is the key of KrakenD's own AMQP driver, also accepted.
 const LegacyNamespace = config.LegacyNamespace
 
+// ExtensionNamespace is the key of the block, beside Namespace, that holds
+// the driver's own fields (retry, dead_letter, tls, ...): KrakenD's schema
+// allows only its own fields in Namespace, so `krakend check --lint`
+// passes. Extension fields still read from Namespace are deprecated.
+const ExtensionNamespace = config.ExtensionNamespace
+
 // StartAgent has the type of Lura's async.Factory. It returns false, at
 // once and with no I/O, when the agent has no block for this driver, so
 // another factory may take it. Otherwise the agent is this driver's: a
@@ -67,19 +76,25 @@ func start(ctx context.Context, opts async.Options, s settings) bool {
 	if opts.Agent == nil {
 		return false
 	}
-	cfg, err := config.FromExtraConfig(opts.Agent.ExtraConfig)
-	if errors.Is(err, config.ErrNoConfig) {
-		return false
+	p, ready := s.prepared[opts.Agent]
+	var cfg config.Config
+	var err error
+	if !ready {
+		cfg, err = config.FromExtraConfig(opts.Agent.ExtraConfig)
+		if errors.Is(err, config.ErrNoConfig) {
+			return false
+		}
 	}
 	logger := opts.Logger
 	if logger == nil {
 		logger = logging.NoOp
 	}
 	prefix := driver.LogPrefix(opts.Agent.Name)
-	p, err := prepare(opts.Agent, cfg, err)
-	if err != nil {
-		logger.Error(prefix, "not started, invalid configuration:", strings.ReplaceAll(err.Error(), "\n", "; "))
-		return true
+	if !ready {
+		if p, err = prepare(opts.Agent, cfg, err); err != nil {
+			logger.Error(prefix, "not started, invalid configuration:", driver.OneLine(err))
+			return true
+		}
 	}
 	for _, w := range warnings(p.cfg) {
 		logger.Warning(prefix, w)
@@ -89,7 +104,7 @@ func start(ctx context.Context, opts async.Options, s settings) bool {
 	agentOpts.MeterProvider, agentOpts.TracerProvider, agentOpts.Propagator = s.providers(logger, prefix)
 	agent, err := driver.New(agentOpts)
 	if err != nil {
-		logger.Error(prefix, "not started, invalid configuration:", strings.ReplaceAll(err.Error(), "\n", "; "))
+		logger.Error(prefix, "not started, invalid configuration:", driver.OneLine(err))
 		return true
 	}
 	opts.G.Go(func() error {

@@ -41,6 +41,24 @@ func unitBlock(over map[string]interface{}) map[string]interface{} {
 	return b
 }
 
+// blocks splits a block holding every field into the agent's two blocks:
+// KrakenD's fields under async/amqp, the driver's own under its namespace.
+func blocks(block map[string]interface{}) luraconfig.ExtraConfig {
+	std, ext := map[string]interface{}{}, map[string]interface{}{}
+	for k, v := range block {
+		if config.Standard(k) {
+			std[k] = v
+		} else {
+			ext[k] = v
+		}
+	}
+	extra := luraconfig.ExtraConfig{asyncamqp.Namespace: std}
+	if len(ext) > 0 {
+		extra[asyncamqp.ExtensionNamespace] = ext
+	}
+	return extra
+}
+
 // unitAgent is an agent as Lura's parser leaves it, with extra as its
 // extra_config.
 func unitAgent(name string, extra luraconfig.ExtraConfig) *luraconfig.AsyncAgent {
@@ -383,11 +401,11 @@ func TestPluginCheck(t *testing.T) {
 			want: []string{`agent "unit": extra_config.async/amqp.exchange: required`},
 		},
 		{
-			name: "legacy block error names the legacy key",
+			name: "legacy block error names async/amqp, the legacy key in brackets",
 			modify: func(a *luraconfig.AsyncAgent) {
 				a.ExtraConfig = luraconfig.ExtraConfig{asyncamqp.LegacyNamespace: unitBlock(map[string]interface{}{"durable": "yes"})}
 			},
-			want: []string{`agent "unit": extra_config.github.com/devopsfaith/krakend-amqp/agent.durable: must be true or false`},
+			want: []string{`agent "unit": extra_config.async/amqp (github.com/devopsfaith/krakend-amqp/agent).durable: must be true or false`},
 		},
 		{
 			name: "every problem at once",
@@ -475,7 +493,7 @@ func TestPluginCheck(t *testing.T) {
 				}
 			}
 			if err == nil {
-				if err := asyncamqp.Prepare(a); err != nil {
+				if _, err := asyncamqp.Prepare(a); err != nil {
 					fail("Prepare: %v", err)
 				}
 			}
@@ -502,7 +520,7 @@ func TestPluginCheck(t *testing.T) {
 			}
 		}
 		for i := 0; i < 2; i++ {
-			if err := asyncamqp.Prepare(a); err != nil {
+			if _, err := asyncamqp.Prepare(a); err != nil {
 				t.Fatalf("Prepare #%d: %v", i+1, err)
 			}
 		}
@@ -658,7 +676,7 @@ func TestWarnings(t *testing.T) {
 			}
 			block[k] = v
 		}
-		got := asyncamqp.Warnings(unitAgent("w", luraconfig.ExtraConfig{asyncamqp.Namespace: block}))
+		got := asyncamqp.Warnings(unitAgent("w", blocks(block)))
 		if len(got) != len(tc.want) {
 			t.Errorf("%v: warnings %q, want %d", tc.over, got, len(tc.want))
 			continue
@@ -718,4 +736,174 @@ func ExampleWarnings() {
 	// Output:
 	// <nil>
 	// agent "orders": delete or exclusive with the driver's retries: a retry copy comes back to the queue through the broker's dead-lettering after its delay, and the broker drops it if the queue is gone by then (an auto-delete queue once its last consumer leaves, an exclusive one with its connection); use a durable, shared queue, or nack_discard
+}
+
+// TestExtensionBlock covers the two blocks: KrakenD's fields in
+// async/amqp (or the legacy key), the driver's own in its namespace.
+func TestExtensionBlock(t *testing.T) {
+	std := func(over map[string]interface{}) map[string]interface{} {
+		return unitBlock(mergeMaps(map[string]interface{}{"durable": true}, over))
+	}
+	for _, tc := range []struct {
+		name  string
+		extra luraconfig.ExtraConfig
+		want  []string // substrings of the Check error, in order; none: valid
+	}{
+		{"both blocks", luraconfig.ExtraConfig{
+			asyncamqp.Namespace:          std(nil),
+			asyncamqp.ExtensionNamespace: map[string]interface{}{"retry": map[string]interface{}{"delay": "2s"}, "shutdown_timeout": "5s"},
+		}, nil},
+		{"comment keys", luraconfig.ExtraConfig{
+			asyncamqp.Namespace:          std(map[string]interface{}{"@comment": "orders", "$x": 1, "_y": 2, "#z": 3}),
+			asyncamqp.ExtensionNamespace: map[string]interface{}{"@comment": "retries"},
+		}, nil},
+		{"error in the new block names it", luraconfig.ExtraConfig{
+			asyncamqp.Namespace:          std(nil),
+			asyncamqp.ExtensionNamespace: map[string]interface{}{"retry": map[string]interface{}{"delay": "soon"}},
+		}, []string{`agent "unit": extra_config.github.com/krakend-contrib/async-amqp.retry.delay: must be a duration`}},
+		{"error beside the legacy key", luraconfig.ExtraConfig{
+			asyncamqp.LegacyNamespace:    std(map[string]interface{}{"prefetch_count": "ten"}),
+			asyncamqp.ExtensionNamespace: map[string]interface{}{"max_body_bytes": -1},
+		}, []string{
+			`agent "unit": extra_config.github.com/krakend-contrib/async-amqp.max_body_bytes: must be between 0`,
+			`agent "unit": extra_config.async/amqp (github.com/devopsfaith/krakend-amqp/agent).prefetch_count: must be a whole number`,
+		}},
+		{"old placement names async/amqp", luraconfig.ExtraConfig{
+			asyncamqp.Namespace: std(map[string]interface{}{"retry": map[string]interface{}{"delay": "soon"}}),
+		}, []string{`agent "unit": extra_config.async/amqp.retry.delay: must be a duration`}},
+		{"cross-field error in the new block", luraconfig.ExtraConfig{
+			asyncamqp.Namespace:          std(nil),
+			asyncamqp.ExtensionNamespace: map[string]interface{}{"tls": map[string]interface{}{}},
+		}, []string{`extra_config.github.com/krakend-contrib/async-amqp.tls: applies to amqps:// hosts only`}},
+		{"set in both places", luraconfig.ExtraConfig{
+			asyncamqp.Namespace:          std(map[string]interface{}{"shutdown_timeout": "1s"}),
+			asyncamqp.ExtensionNamespace: map[string]interface{}{"shutdown_timeout": "5s"},
+		}, []string{`extra_config.github.com/krakend-contrib/async-amqp.shutdown_timeout: also set in extra_config.async/amqp`}},
+		{"standard field in the new block", luraconfig.ExtraConfig{
+			asyncamqp.Namespace:          std(nil),
+			asyncamqp.ExtensionNamespace: map[string]interface{}{"prefetch_count": 5},
+		}, []string{`extra_config.github.com/krakend-contrib/async-amqp.prefetch_count: is one of KrakenD's own fields: it belongs in extra_config.async/amqp`}},
+		{"unknown field in the new block", luraconfig.ExtraConfig{
+			asyncamqp.Namespace:          std(nil),
+			asyncamqp.ExtensionNamespace: map[string]interface{}{"Retry": map[string]interface{}{}},
+		}, []string{`extra_config.github.com/krakend-contrib/async-amqp.Retry: unknown field (did you mean "retry"?)`}},
+		{"new block not an object", luraconfig.ExtraConfig{
+			asyncamqp.Namespace:          std(nil),
+			asyncamqp.ExtensionNamespace: "retry",
+		}, []string{`agent "unit": extra_config.github.com/krakend-contrib/async-amqp: the block must be an object, got a string`}},
+		{"new block alone", luraconfig.ExtraConfig{
+			asyncamqp.ExtensionNamespace: map[string]interface{}{"shutdown_timeout": "5s"},
+		}, []string{`agent "unit": no async/amqp block in extra_config: extra_config.github.com/krakend-contrib/async-amqp holds the driver's extensions and needs an "async/amqp" block beside it`}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := asyncamqp.Check(unitAgent("unit", tc.extra))
+			if len(tc.want) == 0 {
+				if err != nil {
+					t.Fatalf("Check: %v", err)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatalf("Check accepted it, want %q", tc.want)
+			}
+			lines := strings.Split(err.Error(), "\n")
+			if len(lines) != len(tc.want) {
+				t.Fatalf("Check: %d problems, want %d:\n%v", len(lines), len(tc.want), err)
+			}
+			for i, w := range tc.want {
+				if !strings.Contains(lines[i], w) {
+					t.Errorf("problem %d %q lacks %q", i, lines[i], w)
+				}
+			}
+		})
+	}
+}
+
+// TestExtensionBlockAloneIsNotTaken: an agent with the new block and no
+// async/amqp block is not this driver's, and the factory says so at once.
+func TestExtensionBlockAloneIsNotTaken(t *testing.T) {
+	agent := unitAgent("unit", luraconfig.ExtraConfig{asyncamqp.ExtensionNamespace: map[string]interface{}{"shutdown_timeout": "5s"}})
+	if asyncamqp.StartAgent(context.Background(), async.Options{Agent: agent, Logger: logging.NoOp}) {
+		t.Error("StartAgent took an agent without an async/amqp block")
+	}
+}
+
+// TestDeprecatedPlacementWarns: extension fields in async/amqp still
+// work, with one warning naming each and where it goes now.
+func TestDeprecatedPlacementWarns(t *testing.T) {
+	for _, key := range []string{asyncamqp.Namespace, asyncamqp.LegacyNamespace} {
+		block := unitBlock(map[string]interface{}{"durable": true, "shutdown_timeout": "5s", "retry": map[string]interface{}{"delay": "2s"}})
+		agent := unitAgent("old", luraconfig.ExtraConfig{key: block})
+		if err := asyncamqp.Check(agent); err != nil {
+			t.Fatalf("%s: Check: %v", key, err)
+		}
+		got := asyncamqp.Warnings(agent)
+		path := "extra_config.async/amqp"
+		if key == asyncamqp.LegacyNamespace {
+			path += " (" + asyncamqp.LegacyNamespace + ")"
+		}
+		want := `agent "old": ` + path + `: retry, shutdown_timeout: deprecated placement, still read: KrakenD's schema allows ` +
+			"only its own fields in async/amqp, so `krakend check --lint` fails on them; move them to extra_config.github.com/krakend-contrib/async-amqp"
+		if len(got) != 1 || got[0] != want {
+			t.Errorf("%s: warnings %q, want [%q]", key, got, want)
+		}
+	}
+	// The new layout says nothing of it.
+	agent := unitAgent("new", blocks(unitBlock(map[string]interface{}{"durable": true, "shutdown_timeout": "5s"})))
+	if got := asyncamqp.Warnings(agent); len(got) != 0 {
+		t.Errorf("new layout: warnings %q", got)
+	}
+}
+
+func mergeMaps(a, b map[string]interface{}) map[string]interface{} {
+	out := map[string]interface{}{}
+	for k, v := range a {
+		out[k] = v
+	}
+	for k, v := range b {
+		out[k] = v
+	}
+	return out
+}
+
+// TestWithPreparedParsesOnce: a factory given a Prepared agent starts it
+// from what Prepare found; it does not read the agent's blocks again.
+func TestWithPreparedParsesOnce(t *testing.T) {
+	agent := unitAgent("once", blocks(unitBlock(map[string]interface{}{"durable": true, "shutdown_timeout": "5s"})))
+	p, err := asyncamqp.Prepare(agent)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.Config().ShutdownTimeout != 5*time.Second || len(p.Warnings()) != 0 {
+		t.Fatalf("Prepare: %+v, warnings %q", p.Config(), p.Warnings())
+	}
+	// Were the blocks read again, the agent would not start.
+	agent.ExtraConfig[asyncamqp.Namespace] = map[string]interface{}{"prefetch_count": "ten"}
+	logger, buf := unitLogger(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	var g errgroup.Group
+	ok := asyncamqp.NewFactory(asyncamqp.WithPrepared(p))(ctx, async.Options{
+		Agent:          agent,
+		Proxy:          noProxy(t),
+		G:              &g,
+		ShouldContinue: func(int) bool { return false },
+		BackoffF:       func(int) time.Duration { return time.Millisecond },
+		Logger:         logger,
+	})
+	if !ok {
+		t.Fatal("the factory did not take the prepared agent")
+	}
+	if err := g.Wait(); err != nil {
+		t.Errorf("the agent returned %v into the errgroup", err)
+	}
+	if strings.Contains(buf.String(), "invalid configuration") {
+		t.Errorf("the factory parsed the blocks again:\n%s", buf.String())
+	}
+	// Another agent is parsed as usual.
+	other := unitAgent("other", luraconfig.ExtraConfig{asyncamqp.Namespace: map[string]interface{}{"prefetch_count": "ten"}})
+	if !asyncamqp.NewFactory(asyncamqp.WithPrepared(p))(ctx, async.Options{Agent: other, G: &g, Logger: logger}) ||
+		!strings.Contains(buf.String(), `agent "other": extra_config.async/amqp.prefetch_count`) {
+		t.Errorf("an agent not prepared was not parsed:\n%s", buf.String())
+	}
 }

@@ -458,7 +458,7 @@ func TestQuorumQueueRejectsWhatItCannotBe(t *testing.T) {
 		agent := &luraconfig.AsyncAgent{
 			Name: "quorum", Consumer: luraconfig.Consumer{Topic: "k"},
 			Backend:     []*luraconfig.Backend{{URLPattern: "/events"}},
-			ExtraConfig: luraconfig.ExtraConfig{asyncamqp.Namespace: b},
+			ExtraConfig: blocks(b),
 		}
 		err := asyncamqp.Check(agent)
 		if err == nil {

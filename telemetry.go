@@ -3,6 +3,7 @@ package asyncamqp
 import (
 	"fmt"
 
+	luraconfig "github.com/luraproject/lura/v2/config"
 	"github.com/luraproject/lura/v2/logging"
 	"go.opentelemetry.io/otel/metric"
 	"go.opentelemetry.io/otel/propagation"
@@ -30,6 +31,24 @@ type settings struct {
 	tracerProvider trace.TracerProvider
 	propagator     propagation.TextMapPropagator
 	telemetry      func() Telemetry
+	// prepared are agents validated already (WithPrepared).
+	prepared map[*luraconfig.AsyncAgent]prepared
+}
+
+// WithPrepared gives the factory agents Prepare found valid: it starts
+// each of them from what Prepare found, without parsing its blocks or
+// reading its TLS files again. Other agents are parsed as usual.
+func WithPrepared(agents ...*Prepared) Option {
+	return func(s *settings) {
+		if s.prepared == nil {
+			s.prepared = map[*luraconfig.AsyncAgent]prepared{}
+		}
+		for _, a := range agents {
+			if a != nil {
+				s.prepared[a.agent] = a.p
+			}
+		}
+	}
 }
 
 // WithTelemetry records every agent's metrics and spans on t.

@@ -24,6 +24,7 @@ var invalidFixtures = map[string]struct {
 	"missing-topic.json":    {agent: "no-topic", field: "consumer.topic"},
 	"bad-placeholder.json":  {agent: "bad-placeholder", field: "backend[0].url_pattern"},
 	"quorum-exclusive.json": {agent: "quorum-exclusive", field: "extra_config.async/amqp.exclusive"},
+	"set-twice.json":        {agent: "set-twice", field: "extra_config.github.com/krakend-contrib/async-amqp.shutdown_timeout: also set in extra_config.async/amqp"},
 }
 
 // fixtureAgents parses a krakend.json fixture with Lura's own parser, as
@@ -64,7 +65,7 @@ func TestTestdataValidFixtures(t *testing.T) {
 					t.Errorf("agent %q: Check: %v", agent.Name, err)
 					continue
 				}
-				if err := asyncamqp.Prepare(agent); err != nil {
+				if _, err := asyncamqp.Prepare(agent); err != nil {
 					t.Errorf("agent %q: Prepare: %v", agent.Name, err)
 					continue
 				}

@@ -1,24 +1,49 @@
-// Package config reads and validates the `async/amqp` block of a KrakenD
-// async agent: it knows every field, its default and its AMQP meaning, and
-// reports every problem by field name so an operator can fix the file in
-// one go. It does no I/O.
+// Package config reads and validates the driver blocks of a KrakenD async
+// agent: the `async/amqp` block, which holds KrakenD's own fields, and the
+// block of the driver's extensions beside it. It knows every field, its
+// default and its AMQP meaning, and reports every problem by field name so
+// an operator can fix the file in one go. It does no I/O.
 package config
 
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
 	luraconfig "github.com/luraproject/lura/v2/config"
 )
 
-// Namespace is the key of the driver block in an agent's extra_config.
+// Namespace is the key of the driver block in an agent's extra_config. It
+// holds KrakenD's own fields only (StandardFields), as KrakenD's schema
+// requires.
 const Namespace = "async/amqp"
 
 // LegacyNamespace is the key KrakenD's own AMQP driver reads; files written
-// for it keep working.
+// for it keep working. KrakenD CE renames Namespace to it before agents
+// start.
 const LegacyNamespace = "github.com/devopsfaith/krakend-amqp/agent"
+
+// ExtensionNamespace is the key of the block, beside Namespace, that holds
+// the driver's own fields: every field that is not one of StandardFields.
+// It is the module path, as KrakenD's convention for a component's
+// namespace is.
+const ExtensionNamespace = "github.com/krakend-contrib/async-amqp"
+
+// StandardFields are the fields KrakenD's schema allows in the async/amqp
+// block (with keys starting with @, $, _ or #, which both blocks ignore).
+var StandardFields = []string{
+	"host", "name", "exchange", "durable", "delete", "exclusive", "no_wait",
+	"prefetch_count", "prefetch_size", "auto_ack", "no_local", "nack_discard",
+}
+
+// Standard tells whether field is one of StandardFields.
+func Standard(field string) bool { return slices.Contains(StandardFields, field) }
+
+// Comment tells whether a key is one KrakenD's schema leaves to the user
+// (it starts with @, $, _ or #, as in "@comment"): both blocks ignore it.
+func Comment(key string) bool { return key != "" && strings.ContainsRune("@$_#", rune(key[0])) }
 
 // DefaultPrefetchCount is applied when prefetch_count is absent, so the
 // broker never pushes an unbounded number of deliveries into memory.
@@ -81,6 +106,51 @@ type Config struct {
 	// Topology says what the driver declares: TopologyDeclare (default),
 	// TopologyPassive or TopologyNone.
 	Topology string
+	// Source says where the fields were read from.
+	Source Source
+}
+
+// Source is where the fields of a Config were read from.
+type Source struct {
+	// Key is the extra_config key of the standard block: Namespace or
+	// LegacyNamespace ("" is Namespace).
+	Key string
+	// Misplaced are the extension fields read from the standard block,
+	// sorted: the deprecated placement, which KrakenD's schema refuses.
+	Misplaced []string
+}
+
+// KeyOf returns the extra_config key of the block a field was read from,
+// or belongs in when it is absent: the standard block for StandardFields,
+// misplaced fields and "" (the block as a whole), ExtensionNamespace for
+// the others. field may be a path, e.g. retry.delay or hosts[1].
+func (c Config) KeyOf(field string) string {
+	top := field
+	if i := strings.IndexAny(field, ".["); i >= 0 {
+		top = field[:i]
+	}
+	if top == "" || Standard(top) || slices.Contains(c.Source.Misplaced, top) {
+		return c.standardKey()
+	}
+	return ExtensionNamespace
+}
+
+func (c Config) standardKey() string {
+	if c.Source.Key == "" {
+		return Namespace
+	}
+	return c.Source.Key
+}
+
+// Path names a block in errors and warnings as the user wrote it:
+// extra_config.<key>, except for LegacyNamespace, named
+// extra_config.async/amqp (github.com/devopsfaith/krakend-amqp/agent):
+// KrakenD CE renames async/amqp to the legacy key before agents start.
+func Path(key string) string {
+	if key == LegacyNamespace {
+		return "extra_config." + Namespace + " (" + LegacyNamespace + ")"
+	}
+	return "extra_config." + key
 }
 
 // Topology modes: what the driver declares on the broker.
@@ -145,49 +215,111 @@ func (d DeadLetter) Enabled() bool { return d.Queue != "" || d.Exchange != "" ||
 
 // FieldError names the field of the block that is wrong and why.
 type FieldError struct {
+	// Key is the extra_config key of the block the error is about, when
+	// the field alone does not tell (see Config.KeyOf); "" otherwise.
+	Key string
+	// Field is the path of the field in its block; "" for the whole block.
 	Field  string
 	Reason string
 }
 
-func (e *FieldError) Error() string { return e.Field + ": " + e.Reason }
-
-// FromExtraConfig reads the block under Namespace, or under LegacyNamespace
-// when the first is absent. It returns ErrNoConfig when neither is there,
-// and otherwise every problem found, joined.
-func FromExtraConfig(extra luraconfig.ExtraConfig) (Config, error) {
-	raw, ok := extra[Namespace]
-	if !ok {
-		raw, ok = extra[LegacyNamespace]
+func (e *FieldError) Error() string {
+	if e.Field == "" {
+		return e.Reason
 	}
-	if !ok {
-		return Config{}, ErrNoConfig
-	}
-	return Parse(raw)
+	return e.Field + ": " + e.Reason
 }
 
-// Parse reads one driver block, as decoded from JSON (or YAML) by Lura.
-func Parse(raw interface{}) (Config, error) {
-	block, ok := raw.(map[string]interface{})
+// FromExtraConfig reads the standard block under Namespace, or under
+// LegacyNamespace when the first is absent, and the block under
+// ExtensionNamespace when there is one. It returns an error that is
+// ErrNoConfig when there is no standard block (the agent is not this
+// driver's), and otherwise every problem found, joined.
+func FromExtraConfig(extra luraconfig.ExtraConfig) (Config, error) {
+	key := Namespace
+	raw, ok := extra[Namespace]
 	if !ok {
-		return Config{}, fmt.Errorf("the block must be an object, got %s", typeName(raw))
+		key = LegacyNamespace
+		raw, ok = extra[LegacyNamespace]
 	}
+	ext, hasExt := extra[ExtensionNamespace]
+	if !ok {
+		if hasExt {
+			return Config{}, fmt.Errorf("%w: %s holds the driver's extensions and needs an %q block beside it",
+				ErrNoConfig, Path(ExtensionNamespace), Namespace)
+		}
+		return Config{}, ErrNoConfig
+	}
+	return parse(key, raw, ext, hasExt)
+}
+
+// Parse reads one driver block holding every field, as decoded from JSON
+// (or YAML) by Lura: the standard block of the deprecated placement.
+// FromExtraConfig reads both blocks of an agent.
+func Parse(raw interface{}) (Config, error) {
+	return parse("", raw, nil, false)
+}
+
+// parse reads the standard block (under key) and the extension block.
+// An extension field may still be in the standard block (Source.Misplaced),
+// but not in both.
+func parse(key string, raw, rawExt interface{}, hasExt bool) (Config, error) {
 	cfg := Config{PrefetchCount: DefaultPrefetchCount, ExchangeType: "topic", Topology: TopologyDeclare, BackPressure: true, Retry: Retry{
 		MaxAttempts: DefaultMaxAttempts, Delay: DefaultDelay, MaxDelay: DefaultMaxDelay, Multiplier: DefaultMultiplier,
-	}}
+	}, Source: Source{Key: key}}
 	var errs []error
-	bad := map[string]bool{}
-	for _, key := range sortedKeys(block) {
-		set, known := fields[key]
-		if !known {
-			errs = append(errs, &FieldError{Field: key, Reason: "unknown field" + suggest(fields, key)})
+	block, ok := raw.(map[string]interface{})
+	if !ok {
+		errs = append(errs, &FieldError{Key: key, Reason: "the block must be an object, got " + typeName(raw)})
+	}
+	ext, ok := rawExt.(map[string]interface{})
+	if hasExt && !ok {
+		errs = append(errs, &FieldError{Key: ExtensionNamespace, Reason: "the block must be an object, got " + typeName(rawExt)})
+	}
+	if len(errs) > 0 {
+		return cfg, errors.Join(errs...)
+	}
+	merged := map[string]interface{}{}
+	for _, k := range sortedKeys(block) {
+		if Comment(k) {
 			continue
 		}
-		if err := set(&cfg, block[key]); err != nil {
-			bad[key] = true
-			errs = append(errs, pathErrors(key, err)...)
+		if _, known := fields[k]; !known {
+			errs = append(errs, &FieldError{Key: key, Field: k, Reason: "unknown field" + suggest(fields, k)})
+			continue
+		}
+		if _, twice := ext[k]; twice && !Standard(k) {
+			errs = append(errs, &FieldError{Key: ExtensionNamespace, Field: k, Reason: fmt.Sprintf(
+				"also set in %s: set it here only", Path(key))})
+			continue
+		}
+		if !Standard(k) {
+			cfg.Source.Misplaced = append(cfg.Source.Misplaced, k)
+		}
+		merged[k] = block[k]
+	}
+	for _, k := range sortedKeys(ext) {
+		switch _, known := fields[k]; {
+		case Comment(k):
+		case Standard(k):
+			errs = append(errs, &FieldError{Key: ExtensionNamespace, Field: k, Reason: fmt.Sprintf(
+				"is one of KrakenD's own fields: it belongs in %s", Path(key))})
+		case !known:
+			errs = append(errs, &FieldError{Key: ExtensionNamespace, Field: k, Reason: "unknown field" + suggest(fields, k)})
+		default:
+			if _, twice := block[k]; !twice {
+				merged[k] = ext[k]
+			}
 		}
 	}
-	errs = append(errs, cfg.validate(block, bad)...)
+	bad := map[string]bool{}
+	for _, k := range sortedKeys(merged) {
+		if err := fields[k](&cfg, merged[k]); err != nil {
+			bad[k] = true
+			errs = append(errs, pathErrors(k, err)...)
+		}
+	}
+	errs = append(errs, cfg.validate(merged, bad)...)
 	return cfg, errors.Join(errs...)
 }
 

@@ -727,3 +727,33 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+func TestFromExtraConfigSource(t *testing.T) {
+	std := map[string]interface{}{"host": "amqp://guest:guest@localhost:5672/", "name": "q", "exchange": "x",
+		"retry": map[string]interface{}{"delay": "2s"}, "hosts": []interface{}{"amqp://h2/"}}
+	ext := map[string]interface{}{"shutdown_timeout": "5s"}
+	cfg, err := FromExtraConfig(map[string]interface{}{LegacyNamespace: std, ExtensionNamespace: ext})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Retry.Delay != 2*time.Second || cfg.ShutdownTimeout != 5*time.Second || len(cfg.Hosts) != 1 {
+		t.Errorf("fields of both blocks not read: %+v", cfg)
+	}
+	if want := (Source{Key: LegacyNamespace, Misplaced: []string{"hosts", "retry"}}); !reflect.DeepEqual(cfg.Source, want) {
+		t.Errorf("Source = %+v, want %+v", cfg.Source, want)
+	}
+	for field, want := range map[string]string{
+		"": LegacyNamespace, "host": LegacyNamespace, "retry.delay": LegacyNamespace, "hosts[0]": LegacyNamespace,
+		"shutdown_timeout": ExtensionNamespace, "dead_letter.queue": ExtensionNamespace,
+	} {
+		if got := cfg.KeyOf(field); got != want {
+			t.Errorf("KeyOf(%q) = %q, want %q", field, got, want)
+		}
+	}
+	if got, want := Path(LegacyNamespace), "extra_config.async/amqp (github.com/devopsfaith/krakend-amqp/agent)"; got != want {
+		t.Errorf("Path(legacy) = %q, want %q", got, want)
+	}
+	if _, err := FromExtraConfig(map[string]interface{}{ExtensionNamespace: ext}); !errors.Is(err, ErrNoConfig) {
+		t.Errorf("extension block alone: %v, want ErrNoConfig", err)
+	}
+}

@@ -148,5 +148,9 @@ func (a *Agent) topologyLine() string {
 	return line
 }
 
-// oneLine keeps a joined error (one line per broker URL) on one log line.
-func oneLine(v interface{}) string { return strings.ReplaceAll(fmt.Sprint(v), "\n", "; ") }
+// OneLine keeps a joined error (one line per problem or broker URL) on
+// one log line, its parts separated by "; ".
+func OneLine(v interface{}) string { return strings.ReplaceAll(fmt.Sprint(v), "\n", "; ") }
+
+// oneLine is OneLine, under the name the driver's files use.
+func oneLine(v interface{}) string { return OneLine(v) }

@@ -3,6 +3,8 @@ package main
 import (
 	"fmt"
 	"io"
+
+	"github.com/krakend-contrib/async-amqp/driver"
 )
 
 // checkCommand validates a krakend.json: Lura's parser first (syntax,
@@ -17,7 +19,7 @@ func checkCommand(args []string, stdout, stderr io.Writer) int {
 	}
 	cfg, err := loadConfig(*file)
 	if err != nil {
-		fmt.Fprintln(stderr, oneLine(err.Error()))
+		fmt.Fprintln(stderr, driver.OneLine(err))
 		return exitFailure
 	}
 	f := inspect(&cfg)

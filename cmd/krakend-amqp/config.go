@@ -4,13 +4,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"strings"
 
 	luraconfig "github.com/luraproject/lura/v2/config"
 	"github.com/luraproject/lura/v2/logging"
 
 	asyncamqp "github.com/krakend-contrib/async-amqp"
 	"github.com/krakend-contrib/async-amqp/config"
+	"github.com/krakend-contrib/async-amqp/driver"
 )
 
 // Logging settings are read from KrakenD's logging block (or its legacy
@@ -42,10 +42,13 @@ type findings struct {
 	// agentWarnings are asyncamqp.Warnings: check prints them, and each
 	// agent logs its own when it starts.
 	agentWarnings []string
+	// prepared are the valid agents, their blocks parsed once: run starts
+	// them from there.
+	prepared []*asyncamqp.Prepared
 }
 
 // inspect validates what Lura's parser does not: the logging and metrics
-// blocks and, with asyncamqp.Check, every agent that has a driver block.
+// blocks and, with asyncamqp.Prepare, every agent that has a driver block.
 // Like Lura's agent starter, it names unnamed agents AsyncAgent-NN; like
 // the driver, it rewrites url_pattern placeholders into Lura's form, so
 // the file must be inspected before the agents start.
@@ -68,16 +71,17 @@ func inspect(cfg *luraconfig.ServiceConfig) findings {
 			f.warnings = append(f.warnings, fmt.Sprintf("agent %q: name: used by more than one agent; /__health cannot tell them apart", agent.Name))
 		}
 		seen[agent.Name] = true
-		if !hasDriverBlock(agent.ExtraConfig) {
+		if _, ext := agent.ExtraConfig[asyncamqp.ExtensionNamespace]; !ext && !hasDriverBlock(agent.ExtraConfig) {
 			f.warnings = append(f.warnings, fmt.Sprintf("agent %q: extra_config: no %q block; no driver in this gateway starts it", agent.Name, asyncamqp.Namespace))
 			continue
 		}
-		errs := config.Errors(asyncamqp.Check(agent))
-		for _, err := range errs {
-			f.problems = append(f.problems, oneLine(err.Error()))
+		p, err := asyncamqp.Prepare(agent)
+		for _, err := range config.Errors(err) {
+			f.problems = append(f.problems, driver.OneLine(err))
 		}
-		if len(errs) == 0 {
-			f.agentWarnings = append(f.agentWarnings, asyncamqp.Warnings(agent)...)
+		if err == nil {
+			f.prepared = append(f.prepared, p)
+			f.agentWarnings = append(f.agentWarnings, p.Warnings()...)
 		}
 	}
 	return f
@@ -90,8 +94,6 @@ func hasDriverBlock(extra luraconfig.ExtraConfig) bool {
 	}
 	return ok
 }
-
-func oneLine(s string) string { return strings.ReplaceAll(s, "\n", "; ") }
 
 // newLogger builds Lura's logger writing to out. The level is DEBUG when
 // debug is set, else the logging block's level, else INFO.

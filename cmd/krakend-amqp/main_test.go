@@ -214,3 +214,26 @@ func TestLogLevel(t *testing.T) {
 		t.Errorf("a numeric level: %v", err)
 	}
 }
+
+// TestCheckTwoBlocks: the driver's own fields go in their block beside
+// async/amqp; in async/amqp they still work, with a warning; the new
+// block alone is a problem, not an agent left to another driver.
+func TestCheckTwoBlocks(t *testing.T) {
+	withExtensions := agent("new", "async/amqp", validBlock())
+	withExtensions["extra_config"].(map[string]interface{})["github.com/krakend-contrib/async-amqp"] = map[string]interface{}{"shutdown_timeout": "5s"}
+	old := validBlock()
+	old["shutdown_timeout"] = "5s"
+	orphan := agent("orphan", "github.com/krakend-contrib/async-amqp", map[string]interface{}{"shutdown_timeout": "5s"})
+	file := writeConfig(t, map[string]interface{}{"version": 3, "async_agent": []interface{}{withExtensions, agent("old", "async/amqp", old)}})
+	code, stdout, stderr := runCLI(t, "check", "-c", file)
+	want := file + `: warning: agent "old": extra_config.async/amqp: shutdown_timeout: deprecated placement, still read: KrakenD's schema allows ` +
+		"only its own fields in async/amqp, so `krakend check --lint` fails on it; move it to extra_config.github.com/krakend-contrib/async-amqp\n"
+	if code != exitOK || !strings.Contains(stdout, "OK") || stderr != want {
+		t.Errorf("exit %d; stdout %q; stderr %q, want %q", code, stdout, stderr, want)
+	}
+	file = writeConfig(t, map[string]interface{}{"version": 3, "async_agent": []interface{}{orphan}})
+	code, _, stderr = runCLI(t, "check", "-c", file)
+	if code != exitFailure || !strings.Contains(stderr, `agent "orphan": no async/amqp block in extra_config: extra_config.github.com/krakend-contrib/async-amqp holds the driver's extensions`) {
+		t.Errorf("exit %d; stderr %q", code, stderr)
+	}
+}

@@ -58,10 +58,14 @@ func TestMetricsEndpointCountsARun(t *testing.T) {
 			"connection": map[string]interface{}{"max_retries": 10, "backoff_strategy": "linear", "health_interval": "1s"},
 			"consumer":   map[string]interface{}{"topic": "k", "workers": 4, "timeout": "2s"},
 			"backend":    []interface{}{map[string]interface{}{"host": []string{be.URL}, "url_pattern": "/events", "method": "POST"}},
-			"extra_config": map[string]interface{}{asyncamqp.Namespace: map[string]interface{}{
-				"host": brokertest.URL(), "name": queue, "exchange": exchange, "durable": true,
-				"retry": map[string]interface{}{"max_attempts": 5, "delay": "50ms", "max_delay": "200ms", "multiplier": 2},
-			}},
+			"extra_config": map[string]interface{}{
+				asyncamqp.Namespace: map[string]interface{}{
+					"host": brokertest.URL(), "name": queue, "exchange": exchange, "durable": true,
+				},
+				asyncamqp.ExtensionNamespace: map[string]interface{}{
+					"retry": map[string]interface{}{"max_attempts": 5, "delay": "50ms", "max_delay": "200ms", "multiplier": 2},
+				},
+			},
 		}},
 	})
 	gw := startGateway(t, bin, "run", "-c", file, "-metrics", metricsAddr)

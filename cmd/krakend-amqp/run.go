@@ -21,6 +21,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	asyncamqp "github.com/krakend-contrib/async-amqp"
+	"github.com/krakend-contrib/async-amqp/driver"
 )
 
 const logPrefix = "[SERVICE: krakend-amqp]"
@@ -51,7 +52,7 @@ func runCommand(ctx context.Context, args []string, stdout, stderr io.Writer) in
 	}
 	cfg, err := loadConfig(*file)
 	if err != nil {
-		fmt.Fprintln(stderr, oneLine(err.Error()))
+		fmt.Fprintln(stderr, driver.OneLine(err))
 		return exitFailure
 	}
 	f := inspect(&cfg)
@@ -75,14 +76,14 @@ func runCommand(ctx context.Context, args []string, stdout, stderr io.Writer) in
 	if *metricsAddr == "" {
 		*metricsAddr, _ = metricsAddress(cfg.ExtraConfig) // checked by inspect
 	}
-	return serveUntilSignal(ctx, cfg, logger, *metricsAddr, stdout, stderr)
+	return serveUntilSignal(ctx, cfg, f.prepared, logger, *metricsAddr, stdout, stderr)
 }
 
 // serveUntilSignal runs the gateway until a signal, and turns its end into
 // an exit code. The telemetry (the metrics endpoint with its
 // MeterProvider, the OTLP tracer provider) is set up before any agent
 // starts, and shut down after every agent has stopped.
-func serveUntilSignal(ctx context.Context, cfg luraconfig.ServiceConfig, logger logging.Logger, metricsAddr string, stdout, stderr io.Writer) int {
+func serveUntilSignal(ctx context.Context, cfg luraconfig.ServiceConfig, prepared []*asyncamqp.Prepared, logger logging.Logger, metricsAddr string, stdout, stderr io.Writer) int {
 	ctx, stop := withSignals(ctx, logger)
 	defer stop()
 	v := versions()
@@ -93,7 +94,7 @@ func serveUntilSignal(ctx context.Context, cfg luraconfig.ServiceConfig, logger 
 		fmt.Fprintln(stderr, "krakend-amqp run:", err)
 		return exitFailure
 	}
-	err = serve(ctx, cfg, logger, stdout, tel)
+	err = serve(ctx, cfg, prepared, logger, stdout, tel)
 	stopTelemetry()
 	if err != nil {
 		logger.Error(logPrefix, err)
@@ -168,11 +169,12 @@ func withSignals(parent context.Context, logger logging.Logger) (context.Context
 }
 
 // serve runs the router and the async agents in one errgroup, the way
-// KrakenD does. The router serves until ctx ends; its end cancels the
+// KrakenD does. The agents inspect prepared start from there: their
+// blocks are parsed once. The router serves until ctx ends; its end cancels the
 // agents, which finish their messages in flight before serve returns. An
 // HTTP server that cannot run (a port in use) is an error, and stops the
 // agents too.
-func serve(ctx context.Context, cfg luraconfig.ServiceConfig, logger logging.Logger, accessLog io.Writer, tel telemetry) error {
+func serve(ctx context.Context, cfg luraconfig.ServiceConfig, prepared []*asyncamqp.Prepared, logger logging.Logger, accessLog io.Writer, tel telemetry) error {
 	server.InitHTTPDefaultTransportWithLogger(cfg, logger)
 	pf := proxy.DefaultFactory(logger)
 	// Agents ping with their name; the engine's /__health lists each one
@@ -194,7 +196,7 @@ func serve(ctx context.Context, cfg luraconfig.ServiceConfig, logger logging.Log
 	g, gctx := errgroup.WithContext(ctx)
 	agentsCtx, stopAgents := context.WithCancel(gctx)
 	defer stopAgents()
-	starter := async.AgentStarter{asyncamqp.NewFactory(asyncamqp.WithTelemetry(tel))}
+	starter := async.AgentStarter{asyncamqp.NewFactory(asyncamqp.WithTelemetry(tel), asyncamqp.WithPrepared(prepared...))}
 	startAgents := func() func() error {
 		return starter.Start(agentsCtx, cfg.AsyncAgents, logger, agentPing, pf)
 	}

@@ -40,11 +40,12 @@ func TestReadAgentsTopologies(t *testing.T) {
 	file := filepath.Join(t.TempDir(), "krakend.json")
 	doc := `{"version": 3, "async_agent": [
 	  {"name": "fast", "extra_config": {"async/amqp": {"host": "amqp://h1/", "name": "q1", "exchange": "x", "auto_ack": true}}},
-	  {"name": "dlq", "extra_config": {"async/amqp": {"host": "amqp://h1/", "name": "q2", "exchange": "x",
-	    "retry": {"delay": "1s", "max_delay": "2s"}, "dead_letter": {"queue": "q2.dead"}}}},
+	  {"name": "dlq", "extra_config": {"async/amqp": {"host": "amqp://h1/", "name": "q2", "exchange": "x"},
+	    "github.com/krakend-contrib/async-amqp": {"retry": {"delay": "1s", "max_delay": "2s"}, "dead_letter": {"queue": "q2.dead"}}}},
 	  {"extra_config": {"github.com/devopsfaith/krakend-amqp/agent": {"host": "amqp://h2/", "name": "q3", "exchange": "y", "nack_discard": true}}},
 	  {"name": "other", "extra_config": {"async/kafka": {}}},
-	  {"name": "theirs", "extra_config": {"async/amqp": {"host": "amqp://h1/", "name": "q5", "exchange": "z", "topology": "passive", "auto_ack": true}}},
+	  {"name": "theirs", "extra_config": {"async/amqp": {"host": "amqp://h1/", "name": "q5", "exchange": "z", "auto_ack": true},
+	    "github.com/krakend-contrib/async-amqp": {"topology": "passive"}}},
 	  {"name": "broken", "extra_config": {"async/amqp": {"name": "q4", "exchange": "x", "prefetch_count": "ten"}}}
 	]}`
 	if err := os.WriteFile(file, []byte(doc), 0o600); err != nil {
