@@ -306,7 +306,7 @@ func (e *env) waitDrained(ctx context.Context, queue string, n int) error {
 // luraConfig is a krakend.json with one async agent for queue, parsed by
 // Lura's own parser: workers W, prefetch_count P, one POST backend with
 // the encoding ("" for Lura's default, json), timeout 10s; block adds
-// fields to the driver block.
+// the driver's own fields, in its block beside async/amqp.
 func (e *env) luraConfig(queue string, p point, encoding string, block map[string]any) (luraconfig.ServiceConfig, error) {
 	backend := map[string]any{"host": []string{e.backend.url}, "url_pattern": "/events", "method": "POST"}
 	if encoding != "" {
@@ -316,8 +316,9 @@ func (e *env) luraConfig(queue string, p point, encoding string, block map[strin
 		"host": e.broker.url, "name": queue, "exchange": e.broker.exchange,
 		"durable": true, "prefetch_count": p.prefetch,
 	}
-	for k, v := range block {
-		driver[k] = v
+	extra := map[string]any{asyncamqp.Namespace: driver}
+	if len(block) > 0 {
+		extra[asyncamqp.ExtensionNamespace] = block
 	}
 	doc, err := json.Marshal(map[string]any{
 		"version": 3,
@@ -326,7 +327,7 @@ func (e *env) luraConfig(queue string, p point, encoding string, block map[strin
 			"connection":   map[string]any{"max_retries": 3, "backoff_strategy": "linear"},
 			"consumer":     map[string]any{"topic": topic, "workers": p.workers, "timeout": dispatchTimeout.String()},
 			"backend":      []any{backend},
-			"extra_config": map[string]any{asyncamqp.Namespace: driver},
+			"extra_config": extra,
 		}},
 	})
 	if err != nil {
