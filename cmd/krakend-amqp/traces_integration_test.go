@@ -97,7 +97,7 @@ func TestRunExportsTracesOverOTLP(t *testing.T) {
 			"consumer": map[string]interface{}{"topic": "k", "workers": 2, "timeout": "2s"},
 			"backend":  []interface{}{map[string]interface{}{"host": []string{backend.URL}, "url_pattern": "/events", "method": "POST"}},
 			"extra_config": map[string]interface{}{asyncamqp.Namespace: map[string]interface{}{
-				"host": brokertest.URL(), "name": queue, "exchange": exchange,
+				"host": brokertest.URL(), "name": queue, "exchange": exchange, "durable": true,
 			}},
 		}},
 	})

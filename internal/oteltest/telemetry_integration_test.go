@@ -105,10 +105,14 @@ func startAgent(t *testing.T, factory async.Factory, backendURL, queue, exchange
 		"connection": map[string]interface{}{"max_retries": 3, "health_interval": "1s"},
 		"consumer":   map[string]interface{}{"topic": "orders.*", "workers": 2, "timeout": "2s"},
 		"backend":    []interface{}{map[string]interface{}{"host": []string{backendURL}, "url_pattern": "/events", "encoding": "no-op"}},
-		"extra_config": map[string]interface{}{asyncamqp.Namespace: map[string]interface{}{
-			"host": brokertest.URL(), "name": queue, "exchange": exchange,
-			"retry": map[string]interface{}{"max_attempts": 5, "delay": "1m"},
-		}},
+		"extra_config": map[string]interface{}{
+			asyncamqp.Namespace: map[string]interface{}{
+				"host": brokertest.URL(), "name": queue, "exchange": exchange, "durable": true,
+			},
+			asyncamqp.ExtensionNamespace: map[string]interface{}{
+				"retry": map[string]interface{}{"max_attempts": 5, "delay": "1m"},
+			},
+		},
 	}}})
 	cfg, err := luraconfig.NewParserWithFileReader(func(string) ([]byte, error) { return doc, nil }).Parse("krakend.json")
 	if err != nil {
