@@ -3,13 +3,15 @@
 # requires, as `go install .../cmd/krakend-amqp@<version>` would: the
 # library is taken from a worktree of the pinned commit, not from this
 # checkout. Fails naming the module when a tool uses library code newer
-# than its pin (then: make pin, and commit). Needs git and the pinned
-# commit in the history.
+# than its pin (then: make pin, and commit), and when the pin is not the
+# newest commit that changed library code: a tool installed at a version
+# would otherwise lack the library's newest fixes although it builds.
+# Needs git and the pinned commit in the history.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-readonly LIBRARY=github.com/krakend-contrib/async-amqp
-readonly TOOLS=(bench cmd/krakend-amqp examples internal/oteltest)
+# shellcheck source=scripts/library.sh
+source scripts/library.sh
 
 git rev-parse --git-dir >/dev/null 2>&1 || { echo "check-pin: not a git checkout" >&2; exit 1; }
 
@@ -42,6 +44,12 @@ done
 ref=${pinned##*-}
 if ! git cat-file -e "$ref^{commit}" 2>/dev/null; then
 	echo "check-pin: $LIBRARY@$pinned names no commit of this repository: run make pin" >&2
+	exit 1
+fi
+newest=$(library_commit)
+if [[ $(git rev-parse "$ref^{commit}") != "$newest" ]]; then
+	echo "check-pin: the tool modules require $LIBRARY@$pinned (commit ${ref:0:12}), but the newest commit" \
+		"that changed library code is ${newest:0:12}: run make pin and commit" >&2
 	exit 1
 fi
 git worktree add --detach "$tmp/library" "$ref" >/dev/null 2>&1

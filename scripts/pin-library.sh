@@ -8,14 +8,10 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-readonly LIBRARY=github.com/krakend-contrib/async-amqp
-readonly TOOLS=(bench cmd/krakend-amqp examples internal/oteltest)
+# shellcheck source=scripts/library.sh
+source scripts/library.sh
 
-# The library's code: its Go files and go.mod/go.sum, outside the tool
-# modules. A change of docs or scripts needs no new pin.
-excludes=()
-for m in "${TOOLS[@]}"; do excludes+=(":(exclude)$m"); done
-commit=$(git log -1 --format=%H -- '*.go' go.mod go.sum "${excludes[@]}")
+commit=$(library_commit)
 [[ -n $commit ]] || { echo "pin-library: no commit changes the library" >&2; exit 1; }
 
 # The version the go command gives that commit: its tag, or a pseudo-version
