@@ -76,8 +76,9 @@ lint:
 pin:
 	bash scripts/pin-library.sh
 
-## check-pin: every tool module builds against the library version it
-## requires (a worktree of that commit), as go install would build it.
+## check-pin: every tool module requires the newest commit that changed
+## library code, and builds against it (a worktree of that commit), as go
+## install would build it.
 check-pin:
 	bash scripts/check-pin.sh
 
