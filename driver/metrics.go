@@ -97,7 +97,7 @@ func newMetrics(provider metric.MeterProvider, agent, queue string, holding func
 		return metric.WithAttributeSet(attribute.NewSet(append(base[:len(base):len(base)], attribute.String(k, v))...))
 	}
 	m := &metrics{guard: g, attrs: metric.WithAttributeSet(attribute.NewSet(base...)), outcomes: map[string]metric.MeasurementOption{}}
-	for _, o := range []string{OutcomeAcked, OutcomeRequeued, OutcomeRetried, OutcomeDeadLettered, OutcomeDiscarded, OutcomeAutoAcked, OutcomeUnsettled} {
+	for _, o := range []string{OutcomeAcked, OutcomeRequeued, OutcomeRetried, OutcomeDeadLettered, OutcomeDiscarded, OutcomeAutoAcked, OutcomeUnsettled, OutcomeParked} {
 		m.outcomes[o] = with("outcome", o)
 	}
 	m.failures = map[string]metric.MeasurementOption{}

@@ -80,3 +80,21 @@ func TestJudgeClassesFailures(t *testing.T) {
 		}
 	}
 }
+
+// Every outcome a message can be settled with carries its attribute:
+// one without its attribute set would be counted under no outcome.
+func TestMetricsKnowEveryOutcome(t *testing.T) {
+	rec := newMeterRecorder()
+	a := mustNew(Options{Name: "m", Logger: logging.NoOp, MeterProvider: rec})
+	outcomes := []string{OutcomeAcked, OutcomeRequeued, OutcomeRetried, OutcomeDeadLettered, OutcomeDiscarded,
+		OutcomeAutoAcked, OutcomeUnsettled, OutcomeParked}
+	for _, o := range outcomes {
+		a.metrics.onSettled(o)
+	}
+	got := rec.snapshot()
+	for _, o := range outcomes {
+		if got["krakend.amqp.messages.settled/"+o] != 1 {
+			t.Errorf("outcome %s: settled %v", o, got)
+		}
+	}
+}
