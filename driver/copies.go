@@ -81,6 +81,11 @@ func driverHeader(k string) bool {
 	return len(k) >= len(internalPrefix) && strings.EqualFold(k[:len(internalPrefix)], internalPrefix)
 }
 
+// isKept tells whether a header keeps one of the publisher's.
+func isKept(k string) bool {
+	return len(k) > len(keptPrefix) && strings.EqualFold(k[:len(keptPrefix)], keptPrefix)
+}
+
 // copyHeaders are the publisher's headers as a copy carries them: the
 // driver's own dropped, those a broker acts on kept under another name
 // (dropped when that name would be longer than a table key may be).

@@ -38,7 +38,7 @@ func (a *Agent) safely(ctx context.Context, f *flow, m *message) (outcome string
 // line, then, unless the message was already settled, the failure path
 // (a retry copy or a dead letter, with the reason in its headers).
 func (a *Agent) recovered(ctx context.Context, f *flow, m *message, p interface{}) (string, result) {
-	r := result{reason: oneLine(fmt.Sprint("panic while handling the message: ", p)), kind: "panic"}
+	r := result{reason: OneLine(fmt.Sprint("panic while handling the message: ", p)), kind: "panic"}
 	a.log.Error(fmt.Sprintf("message %q: %s; the agent goes on", shortID(m.d), r.reason))
 	a.stats.failed.Add(1)
 	a.stats.lastReason.Store(r.reason)
@@ -55,7 +55,7 @@ func (a *Agent) failAfterPanic(ctx context.Context, f *flow, m *message, r resul
 	defer func() {
 		if p := recover(); p != nil {
 			a.log.Error(fmt.Sprintf("message %q: its failure path panicked too (%v): it stays unacknowledged until the session ends",
-				shortID(m.d), oneLine(fmt.Sprint(p))))
+				shortID(m.d), OneLine(fmt.Sprint(p))))
 			a.metrics.onSettled(OutcomeUnsettled)
 			outcome = OutcomeUnsettled
 		}
@@ -163,7 +163,7 @@ func (a *Agent) dispatch(ctx context.Context, m *message) (r result) {
 	defer func() { a.metrics.onDispatched(start, r.kind) }()
 	defer func() {
 		if p := recover(); p != nil {
-			r = result{reason: oneLine(fmt.Sprint("the backend pipeline panicked: ", p)), kind: "panic"}
+			r = result{reason: OneLine(fmt.Sprint("the backend pipeline panicked: ", p)), kind: "panic"}
 		}
 		if !r.ok && m.bound.Err() == nil { // a cut at shutdown is no failure
 			a.stats.failed.Add(1)

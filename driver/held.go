@@ -200,7 +200,7 @@ func (h *held) retry(c *heldCopy, full bool) (gone bool) {
 	a := h.agent
 	defer func() {
 		if p := recover(); p != nil {
-			a.log.Error(fmt.Sprintf("message %q: copying it panicked (%s); it stays held", shortID(c.m.d), oneLine(p)))
+			a.log.Error(fmt.Sprintf("message %q: copying it panicked (%s); it stays held", shortID(c.m.d), OneLine(p)))
 			gone = false
 		}
 	}()
@@ -229,11 +229,11 @@ func (h *held) retry(c *heldCopy, full bool) (gone bool) {
 // It tells false when that fails too: the message stays held.
 func (h *held) giveUp(c *heldCopy) bool {
 	a := h.agent
-	why := fmt.Sprintf("the broker refused its %s copy %d times: %s", copyKind(c.dec), c.refusals, oneLine(c.err))
+	why := fmt.Sprintf("the broker refused its %s copy %d times: %s", copyKind(c.dec), c.refusals, OneLine(c.err))
 	if c.dec.outcome == OutcomeDeadLettered {
 		if err := a.park(context.Background(), h.f, c.m, c.dec, c.reason, why); err != nil {
 			a.log.Error(fmt.Sprintf("message %q: %s; parking it in a retry queue failed too (%s): it stays held",
-				shortID(c.m.d), why, oneLine(err)))
+				shortID(c.m.d), why, OneLine(err)))
 			return false
 		}
 		a.log.Error(fmt.Sprintf("message %q: %s; it is parked in %s and its dead letter tried again every %s, "+

@@ -67,7 +67,7 @@ type guard struct {
 func (g *guard) catch(what string) {
 	if p := recover(); p != nil && g != nil && g.logged.CompareAndSwap(false, true) {
 		g.log.Error(fmt.Sprintf("the build's %s panicked: %s; the agent goes on without it (further telemetry panics are not logged)",
-			what, oneLine(fmt.Sprint(p))))
+			what, OneLine(fmt.Sprint(p))))
 	}
 }
 

@@ -151,6 +151,3 @@ func (a *Agent) topologyLine() string {
 // OneLine keeps a joined error (one line per problem or broker URL) on
 // one log line, its parts separated by "; ".
 func OneLine(v interface{}) string { return strings.ReplaceAll(fmt.Sprint(v), "\n", "; ") }
-
-// oneLine is OneLine, under the name the driver's files use.
-func oneLine(v interface{}) string { return OneLine(v) }

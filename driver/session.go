@@ -36,7 +36,7 @@ func (a *Agent) Run(ctx context.Context) error {
 			// connection: it must not make the agent give up.
 			if unreadable(err) {
 				a.log.Error(fmt.Sprintf("queue %q: the AMQP client could not read a delivery (%s); the session is not "+
-					"counted as a failed connection attempt", a.opts.Session.Queue, oneLine(err)))
+					"counted as a failed connection attempt", a.opts.Session.Queue, OneLine(err)))
 				retries = 0
 			}
 			a.opts.Session.URLs = after(a.opts.Session.URLs, sess.Index())
@@ -47,11 +47,11 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 		retries++
 		if !a.opts.ShouldContinue(retries) {
-			a.log.Error("giving up after", retries-1, "connection retries; last error:", oneLine(err))
+			a.log.Error("giving up after", retries-1, "connection retries; last error:", OneLine(err))
 			return ErrGaveUp
 		}
 		wait := a.backoff(retries)
-		line := fmt.Sprintf("%s; retry %d in %s", oneLine(err), retries, wait)
+		line := fmt.Sprintf("%s; retry %d in %s", OneLine(err), retries, wait)
 		// A feature the broker denies is the configuration's to mend, not
 		// the network's: it is an error, not a passing fault.
 		if denied := (*consumer.DeniedFeatureError)(nil); errors.As(err, &denied) {
@@ -94,7 +94,7 @@ func (a *Agent) serve(ctx context.Context, sess *consumer.Session) error {
 	s := a.opts.Session
 	if skipped := sess.Skipped(); skipped != nil {
 		a.log.Warning(fmt.Sprintf("connected to %s after failing to reach the hosts before it: %s",
-			sess.Host(), oneLine(skipped)))
+			sess.Host(), OneLine(skipped)))
 	} else {
 		a.log.Info("connected to", sess.Host())
 	}

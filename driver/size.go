@@ -1,7 +1,6 @@
 package driver
 
 import (
-	"strings"
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
@@ -38,11 +37,6 @@ func fit(pub publisher, msg amqp.Publishing) amqp.Publishing {
 	h[HeaderLastError] = truncate("the message's headers were dropped from its copy, whose properties were over the frame size; "+reason, 1024)
 	msg.Headers = h
 	return msg
-}
-
-// isKept tells whether a header keeps one of the publisher's.
-func isKept(k string) bool {
-	return len(k) > len(keptPrefix) && strings.EqualFold(k[:len(keptPrefix)], keptPrefix)
 }
 
 // headerFrameSize is the size on the wire of the content header frame of

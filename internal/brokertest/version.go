@@ -1,6 +1,7 @@
 package brokertest
 
 import (
+	"errors"
 	"strings"
 	"testing"
 
@@ -30,10 +31,7 @@ func DeniesTransientQueues(t testing.TB) bool {
 		return false
 	}
 	var aerr *amqp.Error
-	if e, ok := err.(*amqp.Error); ok {
-		aerr = e
-	}
-	if aerr == nil || !strings.Contains(aerr.Reason, "transient_nonexcl_queues") {
+	if !errors.As(err, &aerr) || !strings.Contains(aerr.Reason, "transient_nonexcl_queues") {
 		t.Fatalf("declare a transient queue to probe the broker: %v", err)
 	}
 	return true
