@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"strings"
 
 	luraconfig "github.com/luraproject/lura/v2/config"
@@ -117,10 +118,11 @@ func validate(agent *luraconfig.AsyncAgent, cfg config.Config, parseErr error) (
 // Warnings lists what in a valid agent works but costs something the
 // operator should know, one line each naming the agent and the field: an
 // unverified broker certificate, retries on a queue that can vanish, the
-// driver's own fields still in async/amqp (deprecated: KrakenD's schema
-// refuses them there, so `krakend check --lint` fails). It
-// says nothing of an agent this driver does not take or that Check
-// refuses.
+// driver's own fields still in async/amqp or the block under the legacy
+// key (deprecated: KrakenD's schema refuses both, so `krakend check
+// --lint` fails). It reads the keys as the file has them, before
+// KrakenD's executor renames any. It says nothing of an agent this driver
+// does not take or that Check refuses.
 func Warnings(agent *luraconfig.AsyncAgent) []string {
 	if agent == nil {
 		return nil
@@ -134,6 +136,13 @@ func Warnings(agent *luraconfig.AsyncAgent) []string {
 
 func agentWarnings(agent *luraconfig.AsyncAgent, cfg config.Config) []string {
 	var out []string
+	if cfg.Source.Key == config.LegacyNamespace {
+		// Not logged when the agent starts: KrakenD's executor moves every
+		// async/amqp block under the legacy key before it starts agents.
+		out = append(out, fmt.Sprintf("agent %q: %s: the legacy key, still read: KrakenD's schema wants %q in an agent's "+
+			"extra_config, so `krakend check --lint` fails on this agent; rename the block to %q",
+			agent.Name, "extra_config."+config.LegacyNamespace, config.Namespace, config.Namespace))
+	}
 	for _, w := range warnings(cfg) {
 		out = append(out, fmt.Sprintf("agent %q: %s", agent.Name, w))
 	}
@@ -232,4 +241,51 @@ func blockErrors(agent *luraconfig.AsyncAgent, cfg config.Config, err error) err
 		errs = append(errs, fmt.Errorf("agent %q: %s.%w", agent.Name, config.Path(key), e))
 	}
 	return errors.Join(errs...)
+}
+
+// NewChecker returns a validation of a whole configuration for KrakenD's
+// `check` command. It has the type of krakend-cobra's CustomValidationFunc
+// (v2.8.0 and later), which that command runs on the parsed file: with
+//
+//	cmd.CustomValidationFunc = asyncamqp.NewChecker(os.Stderr)
+//
+// in KrakenD CE's main.go, `krakend check` fails on an invalid agent
+// instead of printing "Syntax OK!". It returns one error per problem,
+// each naming the agent and the field, for every agent that has a block
+// for this driver; agents of other drivers are left alone. As that hook
+// returns errors only, the warnings (Warnings) are written to w, one line
+// each; w may be nil.
+func NewChecker(w io.Writer) func(luraconfig.ServiceConfig) []error {
+	return func(cfg luraconfig.ServiceConfig) []error {
+		var errs []error
+		for i, agent := range cfg.AsyncAgents {
+			if agent == nil || !hasBlock(agent.ExtraConfig) {
+				continue
+			}
+			named := *agent // Lura names unnamed agents only when it starts them
+			if named.Name == "" {
+				named.Name = fmt.Sprintf("AsyncAgent-%02d", i)
+			}
+			err := Check(&named)
+			for _, e := range config.Errors(err) {
+				errs = append(errs, errors.New(driver.OneLine(e)))
+			}
+			if err == nil && w != nil {
+				for _, line := range Warnings(&named) {
+					fmt.Fprintln(w, "WARNING:", line)
+				}
+			}
+		}
+		return errs
+	}
+}
+
+// hasBlock tells whether an agent has any block this driver reads.
+func hasBlock(extra luraconfig.ExtraConfig) bool {
+	for _, key := range []string{Namespace, LegacyNamespace, ExtensionNamespace} {
+		if _, ok := extra[key]; ok {
+			return true
+		}
+	}
+	return false
 }

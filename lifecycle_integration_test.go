@@ -27,7 +27,8 @@ func TestInvalidAgentIsNotStartedAndSiblingsRun(t *testing.T) {
 	brokertest.Eventually(t, 10*time.Second, "the healthy agent's delivery", func() bool { return be.count() == 1 })
 
 	logs := gw.logs.String()
-	gw.expectLogs(t, "[AMQP][broken] not started", "host: must start with amqp://", "prefetch_count: must be a whole number")
+	gw.expectLogs(t, "ERROR: [SERVICE: AsyncAgent][AMQP][broken] not started", "host: must start with amqp://", "prefetch_count: must be a whole number",
+		"fix the block and restart the gateway")
 	if strings.Count(logs, "[AMQP][broken]") != 1 {
 		t.Errorf("want exactly one log line for the broken agent:\n%s", logs)
 	}

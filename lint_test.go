@@ -2,6 +2,7 @@ package asyncamqp_test
 
 import (
 	"encoding/json"
+	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -59,9 +60,18 @@ func TestConfigurationsPassKrakenDLint(t *testing.T) {
 	}
 }
 
-// lintJSON checks every async/amqp (and legacy) block in a JSON text, a
-// whole file or a fragment such as `"async/amqp": {...}`, and returns how
-// many it found.
+// krakendAgentFields are the keys KrakenD's v2.13 schema allows in an
+// async_agent entry (with the krakendRule keys); name, consumer (with its
+// topic), backend and extra_config are required, and extra_config must
+// hold async/amqp or async/kafka: the legacy key alone fails the lint.
+var krakendAgentFields = map[string]bool{
+	"name": true, "consumer": true, "backend": true, "extra_config": true, "connection": true, "encoding": true,
+}
+
+// lintJSON holds a JSON text, a whole file or a fragment such as
+// `"async/amqp": {...}`, to KrakenD's v2.13 schema for async agents: every
+// async_agent entry to the agent rule, and every async/amqp (and legacy)
+// block to the block rule. It returns how many blocks it found.
 func lintJSON(t *testing.T, where, text string) int {
 	t.Helper()
 	var doc interface{}
@@ -77,14 +87,14 @@ func lintJSON(t *testing.T, where, text string) int {
 		switch v := v.(type) {
 		case map[string]interface{}:
 			for k, sub := range v {
+				if agents, ok := sub.([]interface{}); ok && k == "async_agent" {
+					for i, agent := range agents {
+						lintAgent(t, fmt.Sprintf("%s: async_agent[%d]", where, i), agent)
+					}
+				}
 				if block, ok := sub.(map[string]interface{}); ok && (k == asyncamqp.Namespace || k == asyncamqp.LegacyNamespace) {
 					n++
-					for field := range block {
-						if !config.Standard(field) && !krakendRule.MatchString(field) {
-							t.Errorf("%s: %s.%s: KrakenD's schema refuses it there (krakend check --lint); move it to %q",
-								where, k, field, asyncamqp.ExtensionNamespace)
-						}
-					}
+					lintBlock(t, where+": "+k, block)
 				}
 				walk(sub)
 			}
@@ -96,6 +106,51 @@ func lintJSON(t *testing.T, where, text string) int {
 	}
 	walk(doc)
 	return n
+}
+
+func lintAgent(t *testing.T, where string, v interface{}) {
+	t.Helper()
+	agent, ok := v.(map[string]interface{})
+	if !ok {
+		t.Errorf("%s: not an object", where)
+		return
+	}
+	for k := range agent {
+		if !krakendAgentFields[k] && !krakendRule.MatchString(k) {
+			t.Errorf("%s.%s: KrakenD's schema allows no such agent field", where, k)
+		}
+	}
+	for _, k := range []string{"name", "consumer", "backend", "extra_config"} {
+		if _, ok := agent[k]; !ok {
+			t.Errorf("%s: KrakenD's schema requires %q", where, k)
+		}
+	}
+	if consumer, ok := agent["consumer"].(map[string]interface{}); ok {
+		if _, ok := consumer["topic"].(string); !ok {
+			t.Errorf("%s.consumer: KrakenD's schema requires a string topic", where)
+		}
+	}
+	extra, _ := agent["extra_config"].(map[string]interface{})
+	if _, ok := extra[asyncamqp.Namespace]; !ok {
+		t.Errorf("%s.extra_config: KrakenD's schema requires %q (the legacy key does not lint)", where, asyncamqp.Namespace)
+	}
+	if block, ok := extra[asyncamqp.Namespace].(map[string]interface{}); ok {
+		for _, k := range []string{"name", "host", "exchange"} {
+			if _, ok := block[k].(string); !ok {
+				t.Errorf("%s.extra_config.%s: KrakenD's schema requires a string %q", where, asyncamqp.Namespace, k)
+			}
+		}
+	}
+}
+
+func lintBlock(t *testing.T, where string, block map[string]interface{}) {
+	t.Helper()
+	for field := range block {
+		if !config.Standard(field) && !krakendRule.MatchString(field) {
+			t.Errorf("%s.%s: KrakenD's schema refuses it there (krakend check --lint); move it to %q",
+				where, field, asyncamqp.ExtensionNamespace)
+		}
+	}
 }
 
 type mdBlock struct{ line, text string }
@@ -117,8 +172,9 @@ func jsonBlocks(md string) []mdBlock {
 	return out
 }
 
-// TestDeprecatedFixtures: files of the old placement, extension fields in
-// async/amqp, still pass Check, with the deprecation warning.
+// TestDeprecatedFixtures: files of the old placement (extension fields in
+// async/amqp) or of KrakenD's legacy key, which `krakend check --lint`
+// refuses, still pass Check, with a warning that says what to change.
 func TestDeprecatedFixtures(t *testing.T) {
 	for _, path := range fixtureFiles(t, "deprecated") {
 		t.Run(filepath.Base(path), func(t *testing.T) {
@@ -129,7 +185,8 @@ func TestDeprecatedFixtures(t *testing.T) {
 				}
 				var warned bool
 				for _, w := range asyncamqp.Warnings(agent) {
-					warned = warned || strings.Contains(w, "deprecated placement") && strings.Contains(w, asyncamqp.ExtensionNamespace)
+					warned = warned || strings.Contains(w, "deprecated placement") && strings.Contains(w, asyncamqp.ExtensionNamespace) ||
+						strings.Contains(w, "the legacy key") && strings.Contains(w, "rename the block to \""+asyncamqp.Namespace)
 				}
 				if !warned {
 					t.Errorf("agent %q: no deprecation warning in %q", agent.Name, asyncamqp.Warnings(agent))

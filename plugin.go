@@ -92,7 +92,7 @@ func start(ctx context.Context, opts async.Options, s settings) bool {
 	prefix := driver.LogPrefix(opts.Agent.Name)
 	if !ready {
 		if p, err = prepare(opts.Agent, cfg, err); err != nil {
-			logger.Error(prefix, "not started, invalid configuration:", driver.OneLine(err))
+			notStarted(logger, prefix, err)
 			return true
 		}
 	}
@@ -104,7 +104,7 @@ func start(ctx context.Context, opts async.Options, s settings) bool {
 	agentOpts.MeterProvider, agentOpts.TracerProvider, agentOpts.Propagator = s.providers(logger, prefix)
 	agent, err := driver.New(agentOpts)
 	if err != nil {
-		logger.Error(prefix, "not started, invalid configuration:", driver.OneLine(err))
+		notStarted(logger, prefix, err)
 		return true
 	}
 	opts.G.Go(func() error {
@@ -112,6 +112,15 @@ func start(ctx context.Context, opts async.Options, s settings) bool {
 		return nil
 	})
 	return true
+}
+
+// notStarted logs, at ERROR, why an agent the driver owns does not start:
+// it must not vanish quietly, as /__health does not list an agent that
+// never pinged. Each problem names the agent, the field and what it must be.
+func notStarted(logger logging.Logger, prefix string, err error) {
+	logger.Error(prefix, "not started, invalid configuration:", driver.OneLine(err)+
+		"; fix the block and restart the gateway (`krakend check` reports this before a start when the build sets "+
+		"asyncamqp.NewChecker, and so does `krakend-amqp check -c krakend.json`)")
 }
 
 // routingKeys are the binding keys: routing_keys, else consumer.topic.

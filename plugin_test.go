@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -828,8 +829,8 @@ func TestExtensionBlockAloneIsNotTaken(t *testing.T) {
 	}
 }
 
-// TestDeprecatedPlacementWarns: extension fields in async/amqp still
-// work, with one warning naming each and where it goes now.
+// TestDeprecatedPlacementWarns: extension fields in async/amqp and the
+// legacy key still work, with a warning naming each and what to change.
 func TestDeprecatedPlacementWarns(t *testing.T) {
 	for _, key := range []string{asyncamqp.Namespace, asyncamqp.LegacyNamespace} {
 		block := unitBlock(map[string]interface{}{"durable": true, "shutdown_timeout": "5s", "retry": map[string]interface{}{"delay": "2s"}})
@@ -842,10 +843,14 @@ func TestDeprecatedPlacementWarns(t *testing.T) {
 		if key == asyncamqp.LegacyNamespace {
 			path += " (" + asyncamqp.LegacyNamespace + ")"
 		}
-		want := `agent "old": ` + path + `: retry, shutdown_timeout: deprecated placement, still read: KrakenD's schema allows ` +
-			"only its own fields in async/amqp, so `krakend check --lint` fails on them; move them to extra_config.github.com/krakend-contrib/async-amqp"
-		if len(got) != 1 || got[0] != want {
-			t.Errorf("%s: warnings %q, want [%q]", key, got, want)
+		want := []string{`agent "old": ` + path + `: retry, shutdown_timeout: deprecated placement, still read: KrakenD's schema allows ` +
+			"only its own fields in async/amqp, so `krakend check --lint` fails on them; move them to extra_config.github.com/krakend-contrib/async-amqp"}
+		if key == asyncamqp.LegacyNamespace {
+			want = append([]string{`agent "old": extra_config.` + asyncamqp.LegacyNamespace + `: the legacy key, still read: KrakenD's schema wants ` +
+				`"async/amqp" in an agent's extra_config, so ` + "`krakend check --lint`" + ` fails on this agent; rename the block to "async/amqp"`}, want...)
+		}
+		if !slices.Equal(got, want) {
+			t.Errorf("%s: warnings %q, want %q", key, got, want)
 		}
 	}
 	// The new layout says nothing of it.

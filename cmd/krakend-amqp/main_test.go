@@ -116,8 +116,14 @@ func TestCheckValid(t *testing.T) {
 		},
 	})
 	code, stdout, stderr := runCLI(t, "check", "-c", file)
-	if want := file + ": OK (1 endpoint, 2 async agents)\n"; code != exitOK || stdout != want || stderr != "" {
+	if want := file + ": OK (1 endpoint, 2 async agents)\n"; code != exitOK || stdout != want {
 		t.Errorf("exit %d; stdout %q (want %q); stderr %q", code, stdout, want, stderr)
+	}
+	// The legacy key works; its one warning says that KrakenD's lint
+	// refuses it.
+	warning := file + `: warning: agent "legacy": extra_config.github.com/devopsfaith/krakend-amqp/agent: the legacy key, still read`
+	if lines := strings.Split(strings.TrimSpace(stderr), "\n"); len(lines) != 1 || !strings.HasPrefix(lines[0], warning) {
+		t.Errorf("stderr %q, want one line starting %q", stderr, warning)
 	}
 }
 
