@@ -89,6 +89,9 @@ func validate(agent *luraconfig.AsyncAgent, cfg config.Config, parseErr error) (
 	} else {
 		tlsConfig = t
 	}
+	if err := driver.CheckReply(cfg.Reply); err != nil {
+		errs = append(errs, blockErrors(agent, cfg, err))
+	}
 	if needsTopic(cfg) && strings.TrimSpace(agent.Consumer.Topic) == "" {
 		errs = append(errs, fmt.Errorf("agent %q: consumer.topic: required: the routing key the queue is bound with (\"#\" takes every message)", agent.Name))
 	} else if parseErr == nil && len(cfg.RoutingKeys) == 0 {
@@ -165,7 +168,22 @@ func warnings(cfg config.Config) []string {
 			"(an auto-delete queue once its last consumer leaves, an exclusive one with its connection); "+
 			"use a durable, shared queue, or nack_discard")
 	}
+	out = append(out, replyWarnings(cfg)...)
 	return append(out, rabbitMQ4Warnings(cfg)...)
+}
+
+// replyWarnings flag reply.to patterns that let a publisher choose almost
+// any queue for the gateway's replies: reply_to is the publisher's.
+func replyWarnings(cfg config.Config) []string {
+	var out []string
+	for _, p := range cfg.Reply.To {
+		own := config.Reply{Enabled: true, To: []string{p}}.Answers(cfg.Queue)
+		if strings.HasPrefix(p, "*") || own {
+			out = append(out, fmt.Sprintf("reply.to %q lets any publisher send the gateway's replies to queues it picks "+
+				"(the agent's own queue among them: %v); list the reply queues' names or a prefix of theirs", p, own))
+		}
+	}
+	return out
 }
 
 // rabbitMQ4Warnings flag settings that work on the RabbitMQ 3.x this

@@ -220,6 +220,7 @@ func agentOptions(opts async.Options, cfg config.Config, tlsConfig *tls.Config) 
 		NackDiscard:       cfg.NackDiscard,
 		Retry:             cfg.Retry,
 		DeadLetter:        cfg.DeadLetter,
+		Reply:             cfg.Reply,
 		ShutdownTimeout:   cfg.ShutdownTimeout,
 		MaxBodyBytes:      cfg.MaxBodyBytes,
 		IdempotencyHeader: cfg.IdempotencyHeader,

@@ -24,8 +24,10 @@
 //	             ours-nobp: back_pressure off; ours-ordered: ordering_key
 //	             on the messages' "order" header (50 keys, in turn)
 //
-// It also measures the end-to-end latency of (a) at a fixed publish rate
-// and, with -rss, the resident memory of (a) after 10,000 and 100,000
+// It also measures the end-to-end latency of (a) at a fixed publish rate,
+// the round trip of a request to its reply (replies on, RabbitMQ's direct
+// reply-to, 100 requests a second for -latency-seconds) against a plain
+// amqp091 RPC server calling the same Lura proxy, and, with -rss, the resident memory of (a) after 10,000 and 100,000
 // messages. RabbitMQ must answer at -amqp (AMQP_URL by default); the
 // benchmark uses queues named bench-<random>-… and deletes them.
 //
@@ -91,7 +93,7 @@ func parseFlags(args []string) (options, error) {
 	fs.IntVar(&o.runs, "runs", 3, "runs per scenario and point; the median is reported")
 	fs.IntVar(&o.size, "size", 512, "message body size in bytes (JSON)")
 	points := fs.String("points", "1/10,16/100,64/200", "W/prefetch points: consumer workers / prefetch_count")
-	only := fs.String("only", "", "comma list of "+strings.Join(scenarioNames(), ", ")+", latency (default: all but ours-json)")
+	only := fs.String("only", "", "comma list of "+strings.Join(scenarioNames(), ", ")+", latency, reply (default: all but the optional ones)")
 	fs.StringVar(&o.cpuProfile, "cpuprofile", "", "write a CPU profile of the first run of (a) at each point to `file`")
 	fs.StringVar(&o.memProfile, "memprofile", "", "write allocation profiles `file`.base and file around the first run of (a) at each point;\n"+
 		"read with go tool pprof -sample_index=alloc_space -base file.base file")
@@ -157,7 +159,7 @@ func parseOnly(s string) (map[string]bool, error) {
 	if strings.TrimSpace(s) == "" {
 		return only, nil
 	}
-	known := append(scenarioNames(), "latency")
+	known := append(scenarioNames(), "latency", "reply")
 	for _, name := range strings.Split(s, ",") {
 		name = strings.TrimSpace(name)
 		if !slices.Contains(known, name) {
@@ -168,7 +170,7 @@ func parseOnly(s string) (map[string]bool, error) {
 	return only, nil
 }
 
-// selected tells whether -only selects a scenario (or "latency").
+// selected tells whether -only selects a scenario (or "latency", "reply").
 func (o options) selected(name string, optional bool) bool {
 	if len(o.only) == 0 {
 		return !optional
@@ -236,6 +238,11 @@ func run(o options) error {
 		fmt.Fprintf(w, "\nlatency of (a) at W/prefetch %s, %d msg/s for %s (%d published, %d received): "+
 			"p50 %s  p90 %s  p99 %s  max %s\n", latencyPoint, o.latencyRate, d, sent, r.Count,
 			ms(r.P50), ms(r.P90), ms(r.P99), ms(r.Max))
+	}
+	if o.latencySeconds > 0 && o.selected("reply", false) {
+		if err := e.replyRun(ctx, w, time.Duration(o.latencySeconds*float64(time.Second))); err != nil {
+			return fmt.Errorf("reply: %w", err)
+		}
 	}
 	if o.rss {
 		progress("rss: (a) at %s, 100000 messages", latencyPoint)

@@ -77,6 +77,8 @@ type Config struct {
 	// DeadLetter is where messages go when retries are exhausted or the
 	// backend refused them (field "dead_letter").
 	DeadLetter DeadLetter
+	// Reply answers the messages that carry reply_to (field "reply").
+	Reply Reply
 	// ShutdownTimeout bounds how long in-flight dispatches may run once
 	// the agent stops; 0 means the dispatch timeout.
 	ShutdownTimeout time.Duration

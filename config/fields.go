@@ -39,6 +39,7 @@ var fields = map[string]setter{
 	"ordering_key":       orderingKey,
 	"retry":              object("retry", retryFields),
 	"dead_letter":        object("dead_letter", deadLetterFields),
+	"reply":              reply,
 	"hosts":              stringList(false, func(c *Config) *[]string { return &c.Hosts }),
 	"tls":                object("tls", tlsFields),
 	"queue_args":         queueArgs,

@@ -58,6 +58,8 @@ type Options struct {
 	// NackDiscard leave them to the broker.
 	Retry      config.Retry
 	DeadLetter config.DeadLetter
+	// Reply answers the messages that carry reply_to (see reply.go).
+	Reply config.Reply
 	// ShutdownTimeout bounds in-flight dispatches at shutdown; 0 means
 	// Timeout.
 	ShutdownTimeout time.Duration
@@ -214,6 +216,7 @@ func (o Options) validate() error {
 	if err := config.CheckOrdering(o.OrderingKey, o.Session.PrefetchCount, o.Session.AutoAck); err != nil {
 		errs = append(errs, err)
 	}
+	errs = append(errs, config.Errors(CheckReply(o.Reply))...)
 	// Retry and DeadLetter are used only when the driver owns retries;
 	// a zero Retry is the default policy.
 	if !o.Session.AutoAck && !o.NackDiscard {

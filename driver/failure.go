@@ -137,6 +137,7 @@ func (a *Agent) decide(m *message, r result) decision {
 // made is held, unacknowledged, while the copy is tried again: the backend
 // is not called for it meanwhile. It returns the outcome.
 func (a *Agent) fail(ctx context.Context, f *flow, m *message, r result) string {
+	m.last = r
 	dec := a.decide(m, r)
 	if dec.broker {
 		a.stats.deadLettered.Add(1)

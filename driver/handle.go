@@ -70,7 +70,7 @@ func (a *Agent) failAfterPanic(ctx context.Context, f *flow, m *message, r resul
 // and the dispatch result.
 func (a *Agent) process(ctx context.Context, f *flow, m *message) (string, result) {
 	if a.opts.Session.AutoAck {
-		return a.processAutoAcked(ctx, m)
+		return a.processAutoAcked(ctx, f, m)
 	}
 	if r, unfit := a.unfit(m); unfit {
 		a.stats.failed.Add(1)
@@ -98,6 +98,9 @@ func (a *Agent) process(ctx context.Context, f *flow, m *message) (string, resul
 		r = result{reason: "cancelled at the shutdown bound"}
 		return a.settle(f, m, r, false), r
 	}
+	if r.ok {
+		r = a.replySuccess(ctx, f, m, r)
+	}
 	if r.ok || !a.ownsRetries() {
 		return a.settle(f, m, r, a.opts.NackDiscard), r
 	}
@@ -106,7 +109,7 @@ func (a *Agent) process(ctx context.Context, f *flow, m *message) (string, resul
 
 // processAutoAcked dispatches a message the broker has already
 // forgotten: it is sent even when the agent is stopping.
-func (a *Agent) processAutoAcked(ctx context.Context, m *message) (string, result) {
+func (a *Agent) processAutoAcked(ctx context.Context, f *flow, m *message) (string, result) {
 	r, unfit := a.unfit(m)
 	if !unfit {
 		waited := a.wait(ctx) == nil
@@ -114,6 +117,12 @@ func (a *Agent) processAutoAcked(ctx context.Context, m *message) (string, resul
 		if waited {
 			a.release(r)
 		}
+	}
+	if r.ok {
+		a.replySuccess(ctx, f, m, r)
+	} else {
+		m.last = r
+		a.replyFailure(m, f)
 	}
 	m.outcome = OutcomeAutoAcked
 	a.metrics.onSettled(OutcomeAutoAcked)
@@ -177,6 +186,10 @@ func (a *Agent) dispatch(ctx context.Context, m *message) (r result) {
 	}
 	a.tracing.inject(dctx, req.Headers)
 	resp, err := a.opts.Proxy(dctx, req)
+	r = judge(resp, err)
+	if a.replyTo(m) != "" {
+		r.answer = a.capture(resp, err, r)
+	}
 	discardBody(resp)
-	return judge(resp, err)
+	return r
 }

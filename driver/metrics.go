@@ -46,6 +46,8 @@ type metrics struct {
 	inFlight  metric.Int64UpDownCounter
 	reconnect metric.Int64Counter
 	held      metric.Int64UpDownCounter
+	replies   metric.Int64Counter
+	replied   map[string]metric.MeasurementOption // by reply outcome
 	connected atomic.Int64
 	blocked   atomic.Int64
 	heldCount atomic.Int64
@@ -100,6 +102,10 @@ func newMetrics(provider metric.MeterProvider, agent, queue string, holding func
 	for _, o := range []string{OutcomeAcked, OutcomeRequeued, OutcomeRetried, OutcomeDeadLettered, OutcomeDiscarded, OutcomeAutoAcked, OutcomeUnsettled, OutcomeParked} {
 		m.outcomes[o] = with("outcome", o)
 	}
+	m.replied = map[string]metric.MeasurementOption{}
+	for _, o := range replyOutcomes {
+		m.replied[o] = with("outcome", o)
+	}
 	m.failures = map[string]metric.MeasurementOption{}
 	for _, kind := range []string{"timeout", "http_status", "incomplete", "no_response", "panic", kindTooLarge, "error"} {
 		m.failures[kind] = with("error.type", kind)
@@ -123,6 +129,9 @@ func newMetrics(provider metric.MeterProvider, agent, queue string, holding func
 	}
 	if m.held == nil {
 		m.held, _ = none.Int64UpDownCounter("")
+	}
+	if m.replies == nil {
+		m.replies, _ = none.Int64Counter("")
 	}
 	return m
 }
@@ -149,6 +158,9 @@ func (m *metrics) instruments(provider metric.MeterProvider, holding func() pres
 	m.held, _ = meter.Int64UpDownCounter("krakend.amqp.messages.held",
 		metric.WithDescription("Failed messages held unacknowledged because their retry or dead-letter copy could not be made yet."),
 		metric.WithUnit("{message}"))
+	m.replies, _ = meter.Int64Counter("krakend.amqp.replies",
+		metric.WithDescription("Replies to reply_to by outcome: sent, error_sent, unroutable, refused, lost."),
+		metric.WithUnit("{reply}"))
 	state, _ := meter.Int64ObservableGauge("krakend.amqp.connection.state",
 		metric.WithDescription("1 while the agent is connected and consuming, else 0."))
 	blocked, _ := meter.Int64ObservableGauge("krakend.amqp.publisher.blocked",
@@ -225,6 +237,11 @@ func (m *metrics) onConnected(up bool) {
 		return
 	}
 	m.connected.Store(0)
+}
+
+func (m *metrics) onReplied(outcome string) {
+	defer m.guard.catch(fromMeter)
+	m.replies.Add(context.Background(), 1, m.replied[outcome])
 }
 
 func (m *metrics) onReconnect() {

@@ -33,6 +33,9 @@ type result struct {
 	// retryAfter is the wait the backend asked for with Retry-After; 0
 	// when it asked none or Lura did not pass its headers on.
 	retryAfter time.Duration
+	// answer is what a reply carries of the backend's answer; nil when
+	// the message gets no reply.
+	answer *answer
 }
 
 // throttled tells whether the backend shed the message for lack of

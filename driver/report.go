@@ -18,6 +18,8 @@ type stats struct {
 	exhausted      atomic.Int64 // out of attempts with no dead-letter set
 	copyFailed     atomic.Int64 // retry or dead-letter copies not confirmed
 	lastCopyError  atomic.Value // string
+	unreplied      atomic.Int64 // replies that did not reach their caller
+	lastUnreplied  atomic.Value // string
 }
 
 // report logs, at most once per health interval, how many dispatches
@@ -49,6 +51,10 @@ func (a *Agent) report() {
 		reason, _ := a.stats.lastCopyError.Load().(string)
 		a.log.Error(fmt.Sprintf("%d copies to a retry or dead-letter queue could not be made; %d messages are held unacknowledged, "+
 			"not dispatched again, until their copy is made; last error: %s", n, a.metrics.heldNow(), reason))
+	}
+	if n := a.stats.unreplied.Swap(0); n > 0 {
+		last, _ := a.stats.lastUnreplied.Load().(string)
+		a.log.Warning(fmt.Sprintf("%d replies did not reach their caller; last: %s", n, last))
 	}
 	if p := a.pressure; p != nil {
 		if n, s := p.swapPushedBack(), p.state(); n > 0 || s.limit < a.opts.Workers || s.pace > 0 {

@@ -56,6 +56,9 @@ func (f *flow) ended() bool {
 // settle acks a handled message and nacks the others, and returns the
 // outcome.
 func (a *Agent) settle(f *flow, m *message, r result, discard bool) string {
+	if !r.ok {
+		m.last = r
+	}
 	outcome := OutcomeAcked
 	switch {
 	case r.ok:
@@ -70,6 +73,9 @@ func (a *Agent) settle(f *flow, m *message, r result, discard bool) string {
 // settleAs acks (r.ok) or nacks a message through the session's settler
 // and returns the outcome it counts.
 func (a *Agent) settleAs(f *flow, m *message, r result, discard bool, outcome string) string {
+	if outcome == OutcomeDeadLettered || outcome == OutcomeDiscarded {
+		a.replyFailure(m, f) // given up on: its caller need not wait
+	}
 	m.outcome = outcome
 	f.settler.settle(m, r.ok, !discard, outcome)
 	return outcome

@@ -40,6 +40,9 @@ type message struct {
 	unreadable string
 	// outcome is set once an ack or nack was handed over for it.
 	outcome string
+	// last is the failure the message is given up on, for its error
+	// reply.
+	last result
 	// bound ends when the dispatch and the copies of the message must
 	// end: at the shutdown bound, not when the agent begins to stop.
 	bound context.Context
