@@ -312,7 +312,7 @@ func TestReplyOverTheBound(t *testing.T) {
 	brokertest.Eventually(t, 20*time.Second, "a reply", func() bool { return client.count() >= 1 })
 	d := client.get("big")[0]
 	reason, _ := replyHeader(d, "x-krakend-error").(string)
-	if len(d.Body) != 0 || replyHeader(d, "x-krakend-status") != int64(201) || !strings.Contains(reason, "over reply.max_body_bytes (10)") {
+	if len(d.Body) != 0 || replyHeader(d, "x-krakend-status") != int64(201) || !strings.Contains(reason, "larger than reply.max_body_bytes (10)") {
 		t.Errorf("body %q, status %v, error %q", d.Body, replyHeader(d, "x-krakend-status"), reason)
 	}
 }

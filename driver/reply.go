@@ -55,8 +55,8 @@ type answer struct {
 	contentEncoding string
 	headers         amqp.Table
 	body            []byte
-	// size is the length of a body over reply.max_body_bytes, which is
-	// not sent; 0 when the body fits.
+	// size is non-zero when the body is over reply.max_body_bytes: it
+	// is not sent.
 	size int
 }
 
@@ -112,15 +112,14 @@ func replyStatus(r result) int {
 	return http.StatusBadGateway
 }
 
-// readAtMost reads a body up to most bytes; past that it reads on, within
-// a bound, only to report the size.
+// readAtMost reads a body up to most bytes; a longer one is not kept,
+// and its size is reported as most+1 (discardBody drains the rest).
 func readAtMost(r io.Reader, most int) ([]byte, int) {
 	body, _ := io.ReadAll(io.LimitReader(r, int64(most)+1))
 	if len(body) <= most {
 		return body, 0
 	}
-	rest, _ := io.Copy(io.Discard, io.LimitReader(r, 64<<20))
-	return nil, len(body) + int(rest)
+	return nil, len(body)
 }
 
 func first(h map[string][]string, name string) string {
@@ -228,7 +227,7 @@ func (a *Agent) replyOf(m *message, ans *answer, failure string) amqp.Publishing
 	h[HeaderStatus] = int64(ans.status)
 	body := ans.body
 	if ans.size > 0 {
-		failure = fmt.Sprintf("the answer of %d bytes is over reply.max_body_bytes (%d): no body sent", ans.size, a.opts.Reply.MaxBodyBytes)
+		failure = fmt.Sprintf("the answer is larger than reply.max_body_bytes (%d): no body sent", a.opts.Reply.MaxBodyBytes)
 	}
 	if failure != "" {
 		h[HeaderError] = truncate(failure, 1024)
