@@ -558,3 +558,52 @@ func (r *recorder) count() int {
 	defer r.mu.Unlock()
 	return len(r.got)
 }
+
+// TestRPCExampleEndToEnd runs the gateway on a copy of
+// examples/krakend.rpc.json and the example client against it, as its
+// package comment says: every request gets its reply.
+func TestRPCExampleEndToEnd(t *testing.T) {
+	bin := buildGateway(t)
+	conn := brokertest.Dial(t)
+	backend := newRecorder(t)
+	queue, dead, exchange := brokertest.Name(t, "quotes"), brokertest.Name(t, "quotes-dead"), brokertest.Name(t, "rpc")
+	brokertest.Cleanup(t, conn, queue, exchange)
+	brokertest.Cleanup(t, conn, dead, "")
+	raw, err := os.ReadFile(rpcExampleJSON)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var doc map[string]interface{}
+	if err := json.Unmarshal(raw, &doc); err != nil {
+		t.Fatal(err)
+	}
+	port := freePort(t)
+	doc["port"] = port
+	agent := list(doc["async_agent"])[0]
+	agent["backend"].([]interface{})[0].(map[string]interface{})["host"] = []string{backend.URL}
+	extra := agent["extra_config"].(map[string]interface{})
+	block := extra[asyncamqp.Namespace].(map[string]interface{})
+	block["host"], block["name"], block["exchange"] = brokertest.URL(), queue, exchange
+	extra[asyncamqp.ExtensionNamespace].(map[string]interface{})["dead_letter"] = map[string]interface{}{"queue": dead}
+	file := writeDoc(t, t.TempDir(), "krakend.json", doc)
+
+	gw := startGateway(t, bin, "run", "-c", file)
+	gw.waitHealth(t, port, "quotes")
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	client := exec.CommandContext(ctx, "go", "run", "../../examples/rpcclient",
+		"-url", brokertest.URL(), "-exchange", exchange, "-key", "quotes.get", "-n", "200")
+	out, err := client.CombinedOutput()
+	if err != nil {
+		t.Fatalf("the example client failed: %v\n%s\ngateway:\n%s", err, out, gw.out.String())
+	}
+	if !strings.Contains(string(out), "200 replies to 200 requests (status 200×200)") {
+		t.Errorf("client output: %s", out)
+	}
+	if n := backend.count(); n != 200 {
+		t.Errorf("the backend got %d requests for 200", n)
+	}
+	if code := gw.terminate(t); code != exitOK {
+		t.Errorf("after SIGTERM the gateway exited %d", code)
+	}
+}

@@ -13,14 +13,17 @@ import (
 const (
 	exampleJSON       = "../../examples/krakend.json"
 	exampleDockerJSON = "../../examples/krakend.docker.json"
+	rpcExampleJSON    = "../../examples/krakend.rpc.json"
 	composeFile       = "../../examples/docker-compose.yml"
 )
 
-// TestExamplesCheck: both example files pass `check`.
+// TestExamplesCheck: the example files pass `check`, with no warning.
 func TestExamplesCheck(t *testing.T) {
-	for _, file := range []string{exampleJSON, exampleDockerJSON} {
+	for file, summary := range map[string]string{
+		exampleJSON: "1 endpoint, 2 async agents", exampleDockerJSON: "1 endpoint, 2 async agents", rpcExampleJSON: "0 endpoints, 1 async agent",
+	} {
 		code, stdout, stderr := runCLI(t, "check", "-c", file)
-		if want := file + ": OK (1 endpoint, 2 async agents)\n"; code != exitOK || stdout != want || stderr != "" {
+		if want := file + ": OK (" + summary + ")\n"; code != exitOK || stdout != want || stderr != "" {
 			t.Errorf("check %s: exit %d; stdout %q (want %q); stderr %q", file, code, stdout, want, stderr)
 		}
 	}
