@@ -180,8 +180,8 @@ func (e *env) replyRun(ctx context.Context, w io.Writer, d time.Duration) error 
 		return fmt.Errorf("ours: %w", err)
 	}
 	fmt.Fprintf(w, "\nrequest to reply (direct reply-to, %d requests/s for %s, %d each, W/prefetch %s):\n"+
-		"  (a) ours, replies on:        p50 %s  p90 %s  p99 %s  max %s\n"+
-		"  floor, amqp091 + Lura + reply: p50 %s  p90 %s  p99 %s  max %s\n"+
+		"  (a) ours, replies on:           p50 %s  p90 %s  p99 %s  max %s\n"+
+		"  floor, amqp091 + Lura + reply:  p50 %s  p90 %s  p99 %s  max %s\n"+
 		"  ours/floor: p50 %.2f  p99 %.2f\n",
 		replyRate, d, sent, latencyPoint, ms(ours.P50), ms(ours.P90), ms(ours.P99), ms(ours.Max),
 		ms(floor.P50), ms(floor.P90), ms(floor.P99), ms(floor.Max),

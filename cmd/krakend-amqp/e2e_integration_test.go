@@ -561,7 +561,8 @@ func (r *recorder) count() int {
 
 // TestRPCExampleEndToEnd runs the gateway on a copy of
 // examples/krakend.rpc.json and the example client against it, as its
-// package comment says: every request gets its reply.
+// package comment says: every request gets its reply, and the replies
+// are counted.
 func TestRPCExampleEndToEnd(t *testing.T) {
 	bin := buildGateway(t)
 	conn := brokertest.Dial(t)
@@ -587,7 +588,8 @@ func TestRPCExampleEndToEnd(t *testing.T) {
 	extra[asyncamqp.ExtensionNamespace].(map[string]interface{})["dead_letter"] = map[string]interface{}{"queue": dead}
 	file := writeDoc(t, t.TempDir(), "krakend.json", doc)
 
-	gw := startGateway(t, bin, "run", "-c", file)
+	metricsAddr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	gw := startGateway(t, bin, "run", "-c", file, "-metrics", metricsAddr)
 	gw.waitHealth(t, port, "quotes")
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
@@ -602,6 +604,10 @@ func TestRPCExampleEndToEnd(t *testing.T) {
 	}
 	if n := backend.count(); n != 200 {
 		t.Errorf("the backend got %d requests for 200", n)
+	}
+	sent := scrapeMetrics(t, metricsAddr).sum("krakend_amqp_replies_total", map[string]string{"outcome": "sent"})
+	if sent != 200 {
+		t.Errorf("krakend_amqp_replies_total{outcome=\"sent\"} = %v, want 200", sent)
 	}
 	if code := gw.terminate(t); code != exitOK {
 		t.Errorf("after SIGTERM the gateway exited %d", code)
