@@ -14,8 +14,9 @@ CGO_ENABLED ?= 1
 export CGO_ENABLED
 
 # The modules besides the library: the gateway, the benchmark, the
-# examples, and the telemetry tests that need the OpenTelemetry SDK.
-TOOL_MODULES := cmd/krakend-amqp bench examples internal/oteltest
+# examples, the telemetry tests that need the OpenTelemetry SDK, and the
+# CloudEvents test that needs the CloudEvents SDK.
+TOOL_MODULES := cmd/krakend-amqp bench examples internal/oteltest internal/cetest
 
 FUZZTIME ?= 30s
 # gofmt ships with Go; found through GOROOT even when it is not on PATH.
