@@ -1,6 +1,7 @@
 package driver
 
 import (
+	"bytes"
 	"encoding/binary"
 	"fmt"
 	"math"
@@ -322,6 +323,8 @@ func FuzzCloudEvents(f *testing.F) {
 	f.Add([]byte{})
 	f.Add([]byte("\x00\x00\x00\x00\x041234\x04/src\x02\x01\x01\x03abc"))
 	f.Add([]byte("\x00\x00\x00\x02\x01\x00\x01\x05\x20\x00\x00\x00\x00{}"))
+	// A structured event.
+	f.Add([]byte("\x00\x00\x00\x02\x01\x00\x3f" + `{"specversion":"1.0","id":"1","source":"/s","type":"t","ext":5}`))
 	a := mustNew(Options{Name: "fuzz", Session: consumer.Settings{Topology: consumer.Topology{Queue: "work"}},
 		Workers: 1, Timeout: time.Second, Logger: logging.NoOp, CloudEvents: true, IdempotencyHeader: "Idempotency-Key"})
 	f.Fuzz(func(t *testing.T, data []byte) {
@@ -331,6 +334,9 @@ func FuzzCloudEvents(f *testing.F) {
 		req := newRequest(m, false)
 		req.Headers[a.opts.IdempotencyHeader] = []string{idempotencyKey(m)}
 		checkHeaders(t, req.Headers)
+		if got := readBody(t, req); !bytes.Equal(got, d.Body) {
+			t.Fatalf("body %q, want %q as published", got, d.Body)
+		}
 		if m.event == nil || m.event.structured {
 			return
 		}
