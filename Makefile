@@ -14,8 +14,9 @@ CGO_ENABLED ?= 1
 export CGO_ENABLED
 
 # The modules besides the library: the gateway, the benchmark, the
-# examples, and the telemetry tests that need the OpenTelemetry SDK.
-TOOL_MODULES := cmd/krakend-amqp bench examples internal/oteltest
+# examples, the telemetry tests that need the OpenTelemetry SDK, and the
+# CloudEvents test that needs the CloudEvents SDK.
+TOOL_MODULES := cmd/krakend-amqp bench examples internal/oteltest internal/cetest
 
 FUZZTIME ?= 30s
 # gofmt ships with Go; found through GOROOT even when it is not on PATH.
@@ -42,13 +43,14 @@ unit:
 
 ## fuzz: run each fuzz target for FUZZTIME: the driver block parser, the
 ## frame filter of the consuming connection, the message-to-request
-## mapping and the failure decision with its copy. (make test runs them
-## over their seed corpus.)
+## mapping, the failure decision with its copy, and the CloudEvents
+## mapping. (make test runs them over their seed corpus.)
 fuzz:
 	GOWORK=off $(GO) test -run XXX -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s ./config
 	GOWORK=off $(GO) test -run XXX -fuzz '^FuzzFrames$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s ./consumer
 	GOWORK=off $(GO) test -run XXX -fuzz '^FuzzRequest$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s ./driver
 	GOWORK=off $(GO) test -run XXX -fuzz '^FuzzFailure$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s ./driver
+	GOWORK=off $(GO) test -run XXX -fuzz '^FuzzCloudEvents$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s ./driver
 
 ## fmt: rewrite the Go files in gofmt style.
 fmt:

@@ -225,6 +225,7 @@ func agentOptions(opts async.Options, cfg config.Config, tlsConfig *tls.Config) 
 		MaxBodyBytes:      cfg.MaxBodyBytes,
 		IdempotencyHeader: cfg.IdempotencyHeader,
 		BackPressure:      cfg.BackPressure,
+		CloudEvents:       cfg.CloudEvents,
 		OrderingKey:       cfg.OrderingKey,
 		URLParams:         usesParams(a.Backend),
 		Proxy:             opts.Proxy,

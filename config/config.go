@@ -88,6 +88,10 @@ type Config struct {
 	// IdempotencyHeader names the request header that carries a key
 	// stable across redeliveries and retries of one message; "" sends none.
 	IdempotencyHeader string
+	// CloudEvents reads a message that is a CloudEvent under the AMQP
+	// protocol binding and sends it to the backend under the HTTP
+	// binding (field "cloudevents"); off unless set.
+	CloudEvents bool
 	// BackPressure slows the agent down while the backend answers 429
 	// or 503, or times out; on unless set to false.
 	BackPressure bool

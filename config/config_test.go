@@ -236,6 +236,22 @@ func TestParseBackPressureAndOrderingKey(t *testing.T) {
 	}
 }
 
+func TestParseCloudEvents(t *testing.T) {
+	got, err := FromExtraConfig(map[string]interface{}{Namespace: validBlock(), ExtensionNamespace: map[string]interface{}{"cloudevents": true}})
+	if err != nil || !got.CloudEvents {
+		t.Fatalf("cloudevents true in the extension block: %t, %v", got.CloudEvents, err)
+	}
+	if got, _ := Parse(validBlock()); got.CloudEvents {
+		t.Error("cloudevents is on by default")
+	}
+	for _, v := range []interface{}{"true", float64(1)} {
+		_, err := Parse(with(map[string]interface{}{"cloudevents": v}))
+		if err == nil || !strings.Contains(err.Error(), "cloudevents: must be true or false") {
+			t.Errorf("cloudevents %#v: error %v, want one naming the field", v, err)
+		}
+	}
+}
+
 func TestParseDefaults(t *testing.T) {
 	got, err := Parse(validBlock())
 	if err != nil {

@@ -36,6 +36,7 @@ var fields = map[string]setter{
 	"max_body_bytes":     integer(math.MaxInt32, func(c *Config) *int { return &c.MaxBodyBytes }),
 	"idempotency_header": headerName(func(c *Config) *string { return &c.IdempotencyHeader }),
 	"back_pressure":      boolean(func(c *Config) *bool { return &c.BackPressure }),
+	"cloudevents":        boolean(func(c *Config) *bool { return &c.CloudEvents }),
 	"ordering_key":       orderingKey,
 	"retry":              object("retry", retryFields),
 	"dead_letter":        object("dead_letter", deadLetterFields),

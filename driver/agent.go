@@ -75,6 +75,10 @@ type Options struct {
 	// IdempotencyHeader names the request header carrying the message's
 	// idempotency key (see idempotencyKey); "" sends none.
 	IdempotencyHeader string
+	// CloudEvents reads a message that is a CloudEvent under the AMQP
+	// binding and sends it to the backend under the HTTP binding (see
+	// cloudevents.go).
+	CloudEvents bool
 	// MeterProvider records the agent's metrics, TracerProvider its
 	// consumer spans, and Propagator reads the publisher's trace context
 	// from the message headers and writes it into the backend request.

@@ -1,10 +1,12 @@
 package driver
 
 import (
+	"bytes"
 	"encoding/binary"
 	"fmt"
 	"math"
 	"net/http"
+	"net/url"
 	"slices"
 	"strings"
 	"testing"
@@ -283,3 +285,103 @@ func checkCopy(t *testing.T, m *message, c amqp.Publishing) {
 // driverHeaders are the headers copyOf writes.
 var driverHeaders = []string{HeaderAttempts, HeaderThrottles, HeaderLastError, HeaderOriginalExchange, HeaderOriginalRoutingKey,
 	HeaderOriginalUserID, HeaderOriginalReplyTo}
+
+// ceKeys are attribute headers, so that the fuzzer builds events often.
+var ceKeys = []string{"cloudEvents:specversion", "cloudEvents:id", "cloudEvents:source", "cloudEvents:type",
+	"cloudEvents:time", "cloudEvents:subject", "cloudEvents:dataschema", "cloudEvents:datacontenttype", "cloudEvents:ext",
+	"cloudEvents_specversion", "cloudEvents_id", "cloudEvents_source", "cloudEvents_type", "cloudEvents_ext", "cloudEvents:Ext"}
+
+var ceContentTypes = []string{"", "application/json", "application/cloudevents+json", "Application/CloudEvents+JSON; charset=utf-8",
+	"application/cloudevents-batch+json", "text/plain\r\n"}
+
+// ceDelivery builds a delivery that is often close to a CloudEvent.
+func (in *fuzzInput) ceDelivery() *amqp.Delivery {
+	d := &amqp.Delivery{Exchange: "x", RoutingKey: in.text(), MessageId: in.text(), ContentType: in.text(), Headers: amqp.Table{}}
+	if k := int(in.byte()); k < len(ceContentTypes) {
+		d.ContentType = ceContentTypes[k]
+	}
+	if in.byte()%2 == 0 {
+		d.Headers["cloudEvents:specversion"], d.Headers["cloudEvents:id"] = "1.0", in.text()
+		d.Headers["cloudEvents:source"], d.Headers["cloudEvents:type"] = in.text(), "t"
+	}
+	for n := in.byte() % 8; n > 0 && len(in.b) > 0; n-- {
+		k := in.text()
+		if i := int(in.byte()); i < len(ceKeys) {
+			k = ceKeys[i]
+		}
+		d.Headers[k] = in.value(0)
+	}
+	d.Body = in.next(int(in.byte()))
+	return d
+}
+
+// FuzzCloudEvents: whatever a message holds, reading it as a CloudEvent
+// never panics, the request is valid for net/http, and an event reaches
+// the backend whole: every attribute in a ce- header that decodes back
+// to it, none sent twice, the body untouched.
+func FuzzCloudEvents(f *testing.F) {
+	f.Add([]byte{})
+	f.Add([]byte("\x00\x00\x00\x00\x041234\x04/src\x02\x01\x01\x03abc"))
+	f.Add([]byte("\x00\x00\x00\x02\x01\x00\x01\x05\x20\x00\x00\x00\x00{}"))
+	// A structured event.
+	f.Add([]byte("\x00\x00\x00\x02\x01\x00\x3f" + `{"specversion":"1.0","id":"1","source":"/s","type":"t","ext":5}`))
+	a := mustNew(Options{Name: "fuzz", Session: consumer.Settings{Topology: consumer.Topology{Queue: "work"}},
+		Workers: 1, Timeout: time.Second, Logger: logging.NoOp, CloudEvents: true, IdempotencyHeader: "Idempotency-Key"})
+	f.Fuzz(func(t *testing.T, data []byte) {
+		in := &fuzzInput{b: data}
+		d := in.ceDelivery()
+		m := a.msg(d)
+		req := newRequest(m, false)
+		req.Headers[a.opts.IdempotencyHeader] = []string{idempotencyKey(m)}
+		checkHeaders(t, req.Headers)
+		if got := readBody(t, req); !bytes.Equal(got, d.Body) {
+			t.Fatalf("body %q, want %q as published", got, d.Body)
+		}
+		if m.event == nil || m.event.structured {
+			return
+		}
+		checkEvent(t, m.event, req.Headers)
+	})
+}
+
+func checkHeaders(t *testing.T, h map[string][]string) {
+	t.Helper()
+	for name, values := range h {
+		if !httpguts.ValidHeaderFieldName(name) {
+			t.Fatalf("header name %q is not an HTTP token", name)
+		}
+		for _, v := range values {
+			if !httpguts.ValidHeaderFieldValue(v) {
+				t.Fatalf("header %s value %q is not valid in HTTP", name, v)
+			}
+		}
+	}
+}
+
+// checkEvent: each attribute is in its ce- header, percent-encoded, and
+// the attribute headers are not sent again.
+func checkEvent(t *testing.T, e *event, h map[string][]string) {
+	t.Helper()
+	for _, name := range []string{"specversion", "id", "source", "type"} {
+		if e.attributes[name] == "" {
+			t.Fatalf("an event without %s", name)
+		}
+	}
+	for name, value := range e.attributes {
+		if name == ceDataContentType {
+			continue
+		}
+		got := h["Ce-"+strings.ToUpper(name[:1])+name[1:]]
+		if len(got) != 1 || strings.ContainsAny(got[0], " \"") {
+			t.Fatalf("attribute %s = %q sent as %q", name, value, got)
+		}
+		if back, err := url.PathUnescape(got[0]); err != nil || back != value {
+			t.Fatalf("attribute %s = %q sent as %q, which decodes to %q (%v)", name, value, got[0], back, err)
+		}
+	}
+	for name := range h {
+		if strings.HasPrefix(name, HeaderPrefix+"Cloudevents") {
+			t.Fatalf("attribute header %s sent twice", name)
+		}
+	}
+}

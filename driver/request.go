@@ -80,7 +80,7 @@ func newRequest(m *message, params bool) *proxy.Request {
 		set(HeaderTimestamp, d.Timestamp.UTC().Format(time.RFC3339))
 	}
 	for k, v := range d.Headers {
-		if strings.HasPrefix(k, internalPrefix) {
+		if strings.HasPrefix(k, internalPrefix) || m.event.carries(k) {
 			continue
 		}
 		// Two keys may clean to one name: keep both values.
@@ -88,6 +88,9 @@ func newRequest(m *message, params bool) *proxy.Request {
 			name := HeaderPrefix + cleanName(k)
 			h[name] = append(h[name], cleanValue(value))
 		}
+	}
+	if e := m.event; e != nil && !e.structured {
+		e.ceHeaders(h)
 	}
 	req := &proxy.Request{Method: "POST", Body: io.NopCloser(bytes.NewReader(d.Body)), Headers: h}
 	if params {
@@ -234,8 +237,12 @@ func URLPattern(pattern string) (string, error) {
 // one message, for a backend to drop the duplicates that at-least-once
 // delivery brings: the message_id when the publisher set one, else a
 // digest of where the message was first published and of its body (the
-// driver restores that origin on its retry copies).
+// driver restores that origin on its retry copies). A CloudEvent has its
+// own key, its source and id.
 func idempotencyKey(m *message) string {
+	if m.event != nil {
+		return m.event.idempotencyKey()
+	}
 	if m.d.MessageId != "" {
 		return cleanValue(m.d.MessageId)
 	}

@@ -38,6 +38,9 @@ type message struct {
 	// unreadable is why the client library could not read the message's
 	// headers; they arrived empty.
 	unreadable string
+	// event is the message read as a CloudEvent, with the cloudevents
+	// option and a valid event; nil otherwise.
+	event *event
 	// outcome is set once an ack or nack was handed over for it.
 	outcome string
 	// last is the failure the message is given up on, for its error
@@ -62,9 +65,18 @@ func (a *Agent) read(m *message) {
 	d := m.d
 	m.exchange, m.key = d.Exchange, d.RoutingKey
 	m.retried = a.fromRetryQueue(d)
-	if !m.retried {
-		return
+	if m.retried {
+		a.readRetried(m)
 	}
+	if a.opts.CloudEvents {
+		m.event = a.readEvent(m.d)
+	}
+}
+
+// readRetried reads what the driver wrote on a message back from one of
+// its retry queues, and restores the message as its publisher sent it.
+func (a *Agent) readRetried(m *message) {
+	d := m.d
 	m.parked = parkedReason(d)
 	most := a.opts.Retry.MaxAttempts - 1
 	if m.parked != "" {
@@ -83,6 +95,17 @@ func (a *Agent) read(m *message) {
 			shortID(d), HeaderOriginalExchange, HeaderOriginalRoutingKey))
 	}
 	m.d = restored(d)
+}
+
+// readEvent reads a message as a CloudEvent (see cloudevents.go): nil
+// when it is none, or not a valid one, which a DEBUG line says.
+func (a *Agent) readEvent(d *amqp.Delivery) *event {
+	e, err := readEvent(d)
+	if err != nil {
+		a.log.Debug(fmt.Sprintf("message %q: not a valid CloudEvent, sent as a plain message: %s", shortID(d), OneLine(err)))
+		return nil
+	}
+	return e
 }
 
 // publisherView is a delivery as its publisher sent it: restored when it

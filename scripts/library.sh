@@ -3,7 +3,7 @@
 # the library's code.
 
 readonly LIBRARY=github.com/krakend-contrib/async-amqp
-readonly TOOLS=(bench cmd/krakend-amqp examples internal/oteltest)
+readonly TOOLS=(bench cmd/krakend-amqp examples internal/oteltest internal/cetest)
 
 # library_commit prints the newest commit that changed the library's code:
 # its Go files and go.mod/go.sum, outside the tool modules. A change of
