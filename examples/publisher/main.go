@@ -59,6 +59,8 @@ type options struct {
 	size     int
 	rate     float64
 	window   int
+	// cloudevents makes each event a CloudEvent in binary mode.
+	cloudevents bool
 
 	// The modes that publish nothing.
 	ping    bool
@@ -102,6 +104,7 @@ func parseFlags() options {
 	flag.IntVar(&o.size, "size", 0, "body size in `bytes` (at least the JSON envelope, about 120 bytes)")
 	flag.Float64Var(&o.rate, "rate", 0, "events per second, 0 = unlimited")
 	flag.IntVar(&o.window, "window", 256, "most events awaiting a broker confirm at once")
+	flag.BoolVar(&o.cloudevents, "cloudevents", false, "publish each event as a CloudEvent, binary mode of the AMQP binding (docs/cloudevents.md)")
 	flag.BoolVar(&o.ping, "ping", false, "only check that a broker answers at -url, and print its version")
 	flag.StringVar(&o.inspect, "inspect", "", "only print the message counts of the queues the agents of this krakend.json `file` use")
 	flag.StringVar(&o.cleanup, "cleanup", "", "only delete the queues and exchanges the agents of this krakend.json `file` use (if unused)")
@@ -260,19 +263,36 @@ func (p *publisher) publishAll(ctx context.Context) error {
 func (p *publisher) publish(ctx context.Context, seq int) (*amqp.DeferredConfirmation, error) {
 	id := fmt.Sprintf("%s-%06d", p.runID, seq)
 	now := time.Now()
-	conf, err := p.ch.PublishWithDeferredConfirmWithContext(ctx, p.o.exchange, p.o.key, true /* mandatory */, false, amqp.Publishing{
+	msg := amqp.Publishing{
 		ContentType:  "application/json",
 		DeliveryMode: amqp.Persistent,
 		MessageId:    id,
 		Timestamp:    now,
 		AppId:        "krakend-amqp-example-publisher",
 		Body:         p.body(id, seq, now),
-	})
+	}
+	if p.o.cloudevents {
+		msg.Headers = cloudEvent(id, p.o.key, now)
+	}
+	conf, err := p.ch.PublishWithDeferredConfirmWithContext(ctx, p.o.exchange, p.o.key, true /* mandatory */, false, msg)
 	if err != nil {
 		return nil, fmt.Errorf("publishing event %d: %w", seq, err)
 	}
 	p.published.Add(1)
 	return conf, nil
+}
+
+// cloudEvent is the headers of a CloudEvent in binary mode under the AMQP
+// binding: its attributes prefixed with "cloudEvents:"; the content type
+// is the message's own.
+func cloudEvent(id, key string, at time.Time) amqp.Table {
+	return amqp.Table{
+		"cloudEvents:specversion": "1.0",
+		"cloudEvents:id":          id,
+		"cloudEvents:source":      "/krakend-amqp/examples/publisher",
+		"cloudEvents:type":        "com.example." + key,
+		"cloudEvents:time":        at.UTC(),
+	}
 }
 
 // body is the event's JSON, padded to o.size bytes.

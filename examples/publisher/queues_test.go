@@ -7,6 +7,7 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestReadAgentsExample(t *testing.T) {
@@ -78,5 +79,25 @@ func TestReadAgentsNone(t *testing.T) {
 	}
 	if _, err := readAgents(file, ""); err == nil || !strings.Contains(err.Error(), "no async agent") {
 		t.Errorf("error %v, want \"no async agent\"", err)
+	}
+}
+
+// TestCloudEvent: -cloudevents makes an event the driver reads as a
+// CloudEvent in binary mode: the four required attributes, and a time.
+func TestCloudEvent(t *testing.T) {
+	at := time.Date(2026, 12, 7, 1, 2, 3, 0, time.UTC)
+	h := cloudEvent("run-000001", "orders.created", at)
+	want := map[string]interface{}{
+		"cloudEvents:specversion": "1.0", "cloudEvents:id": "run-000001",
+		"cloudEvents:source": "/krakend-amqp/examples/publisher", "cloudEvents:type": "com.example.orders.created",
+		"cloudEvents:time": at,
+	}
+	if len(h) != len(want) {
+		t.Fatalf("headers %v", h)
+	}
+	for k, v := range want {
+		if h[k] != v {
+			t.Errorf("%s = %v, want %v", k, h[k], v)
+		}
 	}
 }
