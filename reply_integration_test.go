@@ -316,3 +316,45 @@ func TestReplyOverTheBound(t *testing.T) {
 		t.Errorf("body %q, status %v, error %q", d.Body, replyHeader(d, "x-krakend-status"), reason)
 	}
 }
+
+// TestCloudEventReply: with cloudevents on, a backend that answers a
+// CloudEvent in the HTTP binding's binary mode gets its event back to the
+// caller in the AMQP binding's binary mode.
+func TestCloudEventReply(t *testing.T) {
+	f := newFixture(t)
+	be := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+		w.Header().Set("Ce-Specversion", "1.0")
+		w.Header().Set("Ce-Id", "reply-to-"+r.Header.Get("Ce-Id"))
+		w.Header().Set("Ce-Source", "/quotes")
+		w.Header().Set("Ce-Type", "com.example.quote.given")
+		w.Header().Set("Ce-Subject", "ACME%20Corp")
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = w.Write([]byte(`{"price":42}`))
+	}))
+	t.Cleanup(be.Close)
+	gw := startAgents(t, agentSpec{Name: "rpcce", Topic: "rpc", Workers: 1, Backend: be.URL, Encoding: "no-op",
+		Block: block(f.queue, f.exchange, map[string]interface{}{"reply": map[string]interface{}{}, "cloudevents": true})})
+	gw.waitPing(t, "rpcce")
+	client := newRPCClient(t)
+	err := client.ch.Publish(f.exchange, "rpc", false, false, amqp.Publishing{
+		ReplyTo: "amq.rabbitmq.reply-to", CorrelationId: "ce1", ContentType: "application/json", Body: []byte(`{"symbol":"ACME"}`),
+		Headers: amqp.Table{"cloudEvents:specversion": "1.0", "cloudEvents:id": "q-1", "cloudEvents:source": "/callers/1",
+			"cloudEvents:type": "com.example.quote.asked"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	brokertest.Eventually(t, 20*time.Second, "a reply", func() bool { return client.count() >= 1 })
+	d := client.get("ce1")[0]
+	want := map[string]string{"cloudEvents:specversion": "1.0", "cloudEvents:id": "reply-to-q-1", "cloudEvents:source": "/quotes",
+		"cloudEvents:type": "com.example.quote.given", "cloudEvents:subject": "ACME Corp"}
+	for k, v := range want {
+		if d.Headers[k] != v {
+			t.Errorf("%s = %v, want %q", k, d.Headers[k], v)
+		}
+	}
+	if d.ContentType != "application/json" || string(d.Body) != `{"price":42}` {
+		t.Errorf("content type %q, body %q", d.ContentType, d.Body)
+	}
+}

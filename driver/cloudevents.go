@@ -448,3 +448,34 @@ func mustEncode(c byte) bool { return c <= ' ' || c >= 0x7f || c == '"' || c == 
 func (e *event) idempotencyKey() string {
 	return percentEncode(e.attributes["source"]) + " " + percentEncode(e.attributes["id"])
 }
+
+// replyEvent reads a backend answer that is a CloudEvent under the HTTP
+// binding's binary mode (ce- headers) into the headers of a reply that is
+// the same event under the AMQP binding: "cloudEvents:" and each
+// attribute, percent-decoded. It returns nil when the answer is no valid
+// event; its datacontenttype is the answer's Content-Type, which the
+// reply carries as its content type.
+func replyEvent(h map[string][]string) amqp.Table {
+	e := &event{attributes: map[string]string{}}
+	for k, v := range h {
+		if len(k) <= len(ceHeaderPrefix) || !strings.EqualFold(k[:len(ceHeaderPrefix)], ceHeaderPrefix) || len(v) == 0 {
+			continue
+		}
+		name := strings.ToLower(k[len(ceHeaderPrefix):])
+		if name == ceDataContentType { // the HTTP binding's is Content-Type
+			continue
+		}
+		s, err := url.PathUnescape(v[0])
+		if err != nil || !validAttributeName(name) || checkString(s) != nil || e.set(name, s) != nil {
+			return nil
+		}
+	}
+	if len(e.attributes) == 0 || e.validate() != nil {
+		return nil
+	}
+	t := make(amqp.Table, len(e.attributes))
+	for name, s := range e.attributes {
+		t[cePrefixColon+name] = s
+	}
+	return t
+}

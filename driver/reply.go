@@ -82,6 +82,11 @@ func (a *Agent) capture(resp *proxy.Response, err error, r result) *answer {
 		ans.contentType = first(resp.Metadata.Headers, "Content-Type")
 		ans.contentEncoding = first(resp.Metadata.Headers, "Content-Encoding")
 		ans.headers = a.answerHeaders(resp.Metadata.Headers)
+		if a.opts.CloudEvents {
+			for k, v := range replyEvent(resp.Metadata.Headers) {
+				ans.headers[k] = v
+			}
+		}
 	case resp != nil && resp.Data != nil: // decoded by Lura: sent as JSON
 		body, merr := json.Marshal(resp.Data)
 		if merr == nil {
@@ -133,9 +138,6 @@ func first(h map[string][]string, name string) string {
 // names written there; values are cleaned as request headers are.
 func (a *Agent) answerHeaders(h map[string][]string) amqp.Table {
 	names := a.opts.Reply.Headers
-	if len(names) == 0 {
-		return nil
-	}
 	t := amqp.Table{}
 	for _, name := range names {
 		if v := http.Header(h).Values(name); len(v) > 0 {

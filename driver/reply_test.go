@@ -120,3 +120,44 @@ func TestPublicReason(t *testing.T) {
 		t.Errorf("status reason %q", got)
 	}
 }
+
+// An answer that is a CloudEvent in the HTTP binding's binary mode makes
+// a reply that is the same event in the AMQP binding's: with cloudevents
+// on, its ce- headers become cloudEvents: headers, percent-decoded.
+func TestReplyEvent(t *testing.T) {
+	a := replyAgent(config.Reply{})
+	a.opts.CloudEvents = true
+	h := map[string][]string{
+		"Content-Type": {"application/json"}, "Ce-Specversion": {"1.0"}, "Ce-Id": {"r-1"},
+		"Ce-Source": {"/quotes"}, "Ce-Type": {"com.example.quote"}, "Ce-Subject": {"ACME%20Corp"}, "Ce-Tenant": {"t1"},
+		"X-Other": {"x"},
+	}
+	resp := &proxy.Response{IsComplete: true, Io: io.NopCloser(strings.NewReader(`{}`)), Metadata: proxy.Metadata{StatusCode: 200, Headers: h}}
+	ans := a.capture(resp, nil, judge(resp, nil))
+	want := amqp.Table{"cloudEvents:specversion": "1.0", "cloudEvents:id": "r-1", "cloudEvents:source": "/quotes",
+		"cloudEvents:type": "com.example.quote", "cloudEvents:subject": "ACME Corp", "cloudEvents:tenant": "t1"}
+	if len(ans.headers) != len(want) {
+		t.Fatalf("headers %v, want %v", ans.headers, want)
+	}
+	for k, v := range want {
+		if ans.headers[k] != v {
+			t.Errorf("%s = %v, want %v", k, ans.headers[k], v)
+		}
+	}
+	for name, bad := range map[string]map[string][]string{
+		"no id":          {"Ce-Specversion": {"1.0"}, "Ce-Source": {"/q"}, "Ce-Type": {"t"}},
+		"bad name":       {"Ce-Specversion": {"1.0"}, "Ce-Id": {"1"}, "Ce-Source": {"/q"}, "Ce-Type": {"t"}, "Ce-Bad_Name": {"x"}},
+		"bad escape":     {"Ce-Specversion": {"1.0"}, "Ce-Id": {"%zz"}, "Ce-Source": {"/q"}, "Ce-Type": {"t"}},
+		"control char":   {"Ce-Specversion": {"1.0"}, "Ce-Id": {"a%0Ab"}, "Ce-Source": {"/q"}, "Ce-Type": {"t"}},
+		"other version":  {"Ce-Specversion": {"0.3"}, "Ce-Id": {"1"}, "Ce-Source": {"/q"}, "Ce-Type": {"t"}},
+		"no ce- headers": {"Content-Type": {"text/plain"}},
+	} {
+		if got := replyEvent(bad); got != nil {
+			t.Errorf("%s: reply event %v, want none", name, got)
+		}
+	}
+	a.opts.CloudEvents = false
+	if ans := a.capture(resp, nil, judge(resp, nil)); len(ans.headers) != 0 {
+		t.Errorf("cloudevents off: headers %v", ans.headers)
+	}
+}
