@@ -80,8 +80,9 @@ func newPressure(workers int, onChange func(pressureState, result)) *pressure {
 	return &pressure{max: workers, limit: float64(workers), wake: make(chan struct{}), onChange: onChange}
 }
 
-// enter waits until a dispatch may start, or ctx ends.
-func (p *pressure) enter(ctx context.Context) error {
+// enter waits until a dispatch may start, or ctx ends; held, when set,
+// is called once before the first wait.
+func (p *pressure) enter(ctx context.Context, held func()) error {
 	for {
 		p.mu.Lock()
 		now := time.Now()
@@ -93,6 +94,10 @@ func (p *pressure) enter(ctx context.Context) error {
 		p.waiting++
 		wake := p.wake
 		p.mu.Unlock()
+		if held != nil {
+			held()
+			held = nil
+		}
 		err := sleepOrWake(ctx, wake, wait)
 		p.mu.Lock()
 		p.waiting--
@@ -134,6 +139,23 @@ func sleepOrWake(ctx context.Context, wake <-chan struct{}, d time.Duration) err
 	return nil
 }
 
+// abandon ends a dispatch that enter let start but that did not run: no
+// answer is counted.
+func (p *pressure) abandon() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.inFlight--
+	p.wakeWaiters()
+}
+
+// wakeWaiters lets the waiting dispatches try again; p.mu is held.
+func (p *pressure) wakeWaiters() {
+	if p.waiting > 0 {
+		close(p.wake)
+		p.wake = make(chan struct{})
+	}
+}
+
 // leave ends a dispatch with its answer, adjusting the limit and pace.
 func (p *pressure) leave(r result) { p.leaveAt(r, time.Now()) }
 
@@ -153,10 +175,7 @@ func (p *pressure) leaveAt(r result, now time.Time) {
 	if holding := p.holding(); holding != wasHolding && p.onChange != nil {
 		p.onChange(p.stateLocked(), r)
 	}
-	if p.waiting > 0 {
-		close(p.wake)
-		p.wake = make(chan struct{})
-	}
+	p.wakeWaiters()
 }
 
 // pushBack halves the limit and paces the agent below what the backend

@@ -136,7 +136,7 @@ func TestPressureProbesADeadBackend(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
-	if err := p.enter(ctx); !errors.Is(err, context.DeadlineExceeded) {
+	if err := p.enter(ctx, nil); !errors.Is(err, context.DeadlineExceeded) {
 		t.Errorf("enter = %v, want the context's error", err)
 	}
 }
