@@ -18,7 +18,7 @@ import (
 //     second than paceCut times what the backend took over the last
 //     second (at least minPace), raised by a fiftieth (at least a tenth of
 //     minPace) every 100 ms while the backend keeps up, and lifted after
-//     releaseAfter without a push-back. It protects a backend that
+//     releaseAfter without a push-back that counts. It protects a backend that
 //     rejects fast (a rate limit), which the limit alone cannot: one
 //     dispatch in flight may still be thousands a second.
 //
@@ -27,9 +27,10 @@ import (
 // holding back, they must be above that share by strayMargin standard
 // deviations: over the few answers after a reconnect, chance alone often
 // makes stray 503s a tenth. The rate the backend took is measured since
-// the session began when that is less than a second: the time without a
-// connection is no measure of the backend. A healthy backend meets
-// neither means: the limit stays at the workers and nothing is paced.
+// the session's first answer when that is less than a second ago: the
+// time without a connection is no measure of the backend. A healthy
+// backend meets neither means: the limit stays at the workers and
+// nothing is paced.
 const (
 	pressureCooldown = 200 * time.Millisecond
 	minPushedShare   = 0.1
@@ -51,8 +52,7 @@ type pressure struct {
 	pace     float64 // dispatches a second; 0 when not paced
 	next     time.Time
 	// cut, pushed and raised are the last decrease, counted push-back
-	// and pace increase; started is the session's start, or the first
-	// answer.
+	// and pace increase; started is the session's first answer.
 	cut, pushed, raised, started time.Time
 	window                       [windowBuckets]bucket
 	waiting                      int
@@ -249,18 +249,19 @@ func (p *pressure) counts(now time.Time) (taken, pushed float64) {
 
 // restart begins a session: the answers of the last one, and the time
 // without a connection, are no measure of what the backend takes now, so
-// its first cut only halves the limit, as an episode's first does. The
-// limit and the pace are kept: an overload outlasts a reconnect.
-func (p *pressure) restart(now time.Time) {
+// rates are measured from the session's first answer, and its first cut
+// only halves the limit, as an episode's first does. The limit and the
+// pace are kept: an overload outlasts a reconnect.
+func (p *pressure) restart() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	p.started = now
+	p.started = time.Time{}
 	p.window = [windowBuckets]bucket{}
 	p.cut = time.Time{}
 }
 
 // rate turns a count over the window into a rate a second; since the
-// session began when that is more recent.
+// session's first answer when that is more recent.
 func (p *pressure) rate(count float64, now time.Time) float64 {
 	return count / min(window, max(now.Sub(p.started), bucketWidth)).Seconds()
 }

@@ -211,7 +211,7 @@ func TestPressureIgnoresStrayPushBacksAfterReconnects(t *testing.T) {
 	rnd := rand.New(rand.NewSource(1))
 	now := epochTime
 	for session := range 100 {
-		p.restart(now)
+		p.restart()
 		for i := range 300 {
 			p.tryEnter(now)
 			r := answered
@@ -239,7 +239,7 @@ func TestPressurePacesFromWhatTheNewSessionTook(t *testing.T) {
 		p.leaveAt(tooMany, now)
 	}
 	now = now.Add(time.Second)
-	p.restart(now)
+	p.restart()
 	// The backend takes 100 a second and refuses nine in ten.
 	for i := 1; p.state().pace == 0; i++ {
 		now = now.Add(time.Millisecond)
