@@ -1,12 +1,16 @@
 package driver
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"math/rand"
 	"net/http"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/luraproject/lura/v2/logging"
 )
 
 // tryEnter starts a dispatch at now if the limit and the pace let it.
@@ -255,5 +259,25 @@ func TestPressurePacesFromWhatTheNewSessionTook(t *testing.T) {
 	}
 	if pace := p.state().pace; pace < 50 || pace > 100 {
 		t.Errorf("pace %.1f a second, want about 0.9 × the 100 the backend takes", pace)
+	}
+}
+
+// The report warns about back-pressure only while the agent holds back:
+// stray push-backs that do not slow it down are logged at DEBUG.
+func TestPressureReportWarnsOnlyWhileHoldingBack(t *testing.T) {
+	logs := &bytes.Buffer{}
+	logger, _ := logging.NewLogger("DEBUG", logs, "")
+	a := mustNew(Options{Name: "report", Workers: 16, Timeout: time.Second, Logger: logger, BackPressure: true})
+	a.pressure.inFlight++
+	a.pressure.leave(result{reason: "503", status: http.StatusServiceUnavailable, kind: "http_status"})
+	a.report()
+	if strings.Contains(logs.String(), "WARNING") || !strings.Contains(logs.String(), "1 answers pushed back") {
+		t.Errorf("one stray 503: logs %q, want a DEBUG line and no warning", logs.String())
+	}
+	logs.Reset()
+	a.pressure.limit = 8
+	a.report()
+	if !strings.Contains(logs.String(), "WARNING") || !strings.Contains(logs.String(), "8 of 16 dispatches") {
+		t.Errorf("holding back: logs %q, want a warning", logs.String())
 	}
 }
