@@ -18,9 +18,9 @@ import (
 //     second than paceCut times what the backend took over the last
 //     second (at least minPace), raised by a fiftieth (at least a tenth of
 //     minPace) every 100 ms while the backend keeps up, and lifted after
-//     releaseAfter without a push-back that counts. It protects a backend that
-//     rejects fast (a rate limit), which the limit alone cannot: one
-//     dispatch in flight may still be thousands a second.
+//     releaseAfter without a push-back that counts. It protects a
+//     backend that rejects fast (a rate limit), which the limit alone
+//     cannot: one dispatch in flight may still be thousands a second.
 //
 // Push-backs count only while they are at least minPushedShare of the
 // answers of the last second: a few stray 503s are no overload. To start
@@ -222,7 +222,7 @@ func (p *pressure) keepUp(now time.Time) {
 
 // overloaded tells whether the push-backs are share enough of the
 // answers to count: a tenth while the agent holds back; for it to start,
-// at least two and clearly more than a tenth, so that stray push-backs
+// at least three and clearly more than a tenth, so that stray push-backs
 // among few answers do not slow it down.
 func (p *pressure) overloaded(taken, pushed float64) bool {
 	n := taken + pushed

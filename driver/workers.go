@@ -110,8 +110,8 @@ var errSessionEnded = errors.New("the session ended")
 // waitInSession is wait for a message of a session. The wait ends with
 // the session: a message dispatched after it could not be acked, and
 // the broker delivers it again, so the backend would see it twice. While
-// it waits, the message is marked held, so that the acks of the messages
-// after it are not kept waiting for it.
+// it waits for the back-pressure, the message is marked held, so that
+// the acks of the messages after it are not kept waiting for it.
 func (a *Agent) waitInSession(ctx context.Context, f *flow, m *message) error {
 	if ctx.Err() != nil {
 		return ctx.Err()
