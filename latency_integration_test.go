@@ -53,8 +53,8 @@ func TestStrayFailuresAndCutsDoNotSlowTheAgent(t *testing.T) {
 		t.Fatal("no connection was cut")
 	}
 	// A message waiting for the back-pressure when its session ends
-	// must not reach the backend twice: beyond what the cuts cost
-	// without back-pressure, at most one more duplicate per cut.
+	// must not reach the backend twice: at most twice the duplicates
+	// the cuts cost without back-pressure, plus one per cut.
 	if dOn, dOff := be.duplicates("stray-on"), be.duplicates("stray-off"); dOn > 2*dOff+cutCount {
 		t.Errorf("%d duplicates with back-pressure, %d without, over %d cuts", dOn, dOff, cutCount)
 	}
