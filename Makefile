@@ -145,7 +145,8 @@ cluster-test:
 	GOWORK=off $(GO) test $(CLUSTER_TEST_FLAGS) -tags cluster -v ./internal/clustertest
 	GOWORK=off $(GO) test $(CLUSTER_TEST_FLAGS) -tags 'integration cluster' -run '^TestCluster$$' -v .
 
-# Soak settings, e.g. make soak SOAK_MESSAGES=20000 SOAK_RATE=500.
+# Soak settings, e.g. make soak SOAK_MESSAGES=20000 SOAK_RATE=500; the
+# environment variable SOAK_BACK_PRESSURE=0 runs the agent without back-pressure.
 SOAK_MESSAGES ?= 100000
 SOAK_RATE ?= 1000
 

@@ -87,7 +87,8 @@ func TestSoak(t *testing.T) {
 	n := int(soakEnv(t, "SOAK_MESSAGES", 100_000))
 	seed := soakEnv(t, "SOAK_SEED", time.Now().UnixNano())
 	rate := float64(soakEnv(t, "SOAK_RATE", 1000)) // messages per second, 0 = as fast as possible
-	t.Logf("soak: %d messages, seed %d, publish rate %v/s", n, seed, rate)
+	backPressure := soakEnv(t, "SOAK_BACK_PRESSURE", 1) != 0
+	t.Logf("soak: %d messages, seed %d, publish rate %v/s, back_pressure %t", n, seed, rate, backPressure)
 
 	f := newFixture(t)
 	dlq := brokertest.Name(t, "dlq")
@@ -101,6 +102,7 @@ func TestSoak(t *testing.T) {
 		Block: block(f.queue, f.exchange, map[string]interface{}{
 			"host": p.URL(), "prefetch_count": 100,
 			"retry": fastRetry(5), "dead_letter": map[string]interface{}{"queue": dlq},
+			"back_pressure": backPressure,
 		})}
 	// Unlimited reconnections at a fixed second: cuts every 2-6 s keep
 	// sessions shorter than the 5 s after which the driver resets its
@@ -197,10 +199,11 @@ func TestSoak(t *testing.T) {
 		}
 		return latencies[min(len(latencies)-1, int(q*float64(len(latencies))))].Round(time.Millisecond)
 	}
-	summary := fmt.Sprintf("soak: published=%d delivered=%d duplicates=%d dead-lettered=%d lost=%d cuts=%d wall=%s latency p50=%s p99=%s "+
-		"(requests=%d 503s=%d seed=%d rate=%v/s)",
-		n, len(be.firstOK), be.oks-len(be.firstOK), len(dead), len(lost), cuts.Load(), wall.Round(time.Second), pct(0.50), pct(0.99),
-		be.requests, be.failures, seed, rate)
+	dups := be.oks - len(be.firstOK)
+	summary := fmt.Sprintf("soak: published=%d delivered=%d duplicates=%d (%.2f per cut) dead-lettered=%d lost=%d cuts=%d wall=%s latency p50=%s p99=%s "+
+		"(requests=%d 503s=%d seed=%d rate=%v/s back_pressure=%t)",
+		n, len(be.firstOK), dups, float64(dups)/float64(max(cuts.Load(), 1)), len(dead), len(lost), cuts.Load(), wall.Round(time.Second),
+		pct(0.50), pct(0.99), be.requests, be.failures, seed, rate, backPressure)
 	t.Log(summary)
 	fmt.Println(summary)
 	if len(lost) > 0 {

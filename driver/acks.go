@@ -2,6 +2,7 @@ package driver
 
 import (
 	"sort"
+	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
 )
@@ -15,8 +16,9 @@ import (
 // are sent one by one, at once, before any multiple-ack that covers
 // them; an ack is held until all lower tags are settled. So that a slow
 // message does not hold the acks of many finished ones (they fill the
-// prefetch window), finished tags beyond a gap are acked one by one once
-// they reach half the window.
+// prefetch window, and are lost with the connection), finished tags
+// beyond a gap are acked one by one once they reach half the window, or
+// have waited ackPatience.
 type acks struct {
 	agent    *Agent
 	requests chan ackRequest
@@ -76,14 +78,35 @@ func (q *acks) close() {
 	<-q.done
 }
 
+// ackPatience bounds how long a finished message's ack waits behind a
+// slower one: an ack kept waiting is lost with the connection, and its
+// message reaches the backend twice.
+const ackPatience = 20 * time.Millisecond
+
 func (q *acks) run() {
 	defer close(q.done)
-	for req := range q.requests {
-		q.take(req)
-		q.drain()
-		q.flush(false)
+	patience := time.NewTimer(ackPatience)
+	patience.Stop()
+	armed := false
+	for {
+		select {
+		case req, ok := <-q.requests:
+			if !ok {
+				q.flush(true)
+				return
+			}
+			q.take(req)
+			q.drain()
+			q.flush(false)
+		case <-patience.C:
+			armed = false
+			q.flush(true)
+		}
+		if len(q.waiting) > 0 && !armed {
+			patience.Reset(ackPatience)
+			armed = true
+		}
 	}
-	q.flush(true)
 }
 
 // drain takes every request already queued, so that a burst ends in one

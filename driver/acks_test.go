@@ -283,3 +283,25 @@ func TestRunsMergeTagsInAnyOrder(t *testing.T) {
 		t.Errorf("runs %v, want one run 2..1001", s)
 	}
 }
+
+// A slow message holds the acks of the few messages finished after it
+// only briefly: they are acked one by one before it ends, not lost with
+// the connection should it drop meanwhile.
+func TestAcksDoNotWaitLongBehindASlowMessage(t *testing.T) {
+	a := mustNew(Options{Name: "acks", Logger: logging.NoOp})
+	ch := newBrokerChannel(4)
+	q := newAcks(a, 20)
+	for tag := uint64(2); tag <= 4; tag++ {
+		q.settle(&message{d: &amqp.Delivery{Acknowledger: ch, DeliveryTag: tag}}, true, false, OutcomeAcked)
+	}
+	waitFor(t, func() bool {
+		ch.mu.Lock()
+		defer ch.mu.Unlock()
+		return len(ch.acked) == 3
+	})
+	q.settle(&message{d: &amqp.Delivery{Acknowledger: ch, DeliveryTag: 1}}, true, false, OutcomeAcked)
+	q.close()
+	if ch.err != nil || len(ch.acked) != 4 {
+		t.Errorf("acked %d tags (error %v), want 4", len(ch.acked), ch.err)
+	}
+}

@@ -144,6 +144,10 @@ func (a *Agent) fail(ctx context.Context, f *flow, m *message, r result) string 
 		a.stats.lastDeadLetter.Store(r.reason)
 		return a.settleAs(f, m, result{reason: r.reason}, true, OutcomeDeadLettered)
 	}
+	// The copy waits for the broker's confirm: the acks of the messages
+	// after it need not, since an ack kept waiting is lost with the
+	// connection and its message is dispatched twice.
+	f.settler.holding(m)
 	if err := a.copy(ctx, f, m, dec, r.reason); err != nil {
 		a.stats.copyFailed.Add(1)
 		a.stats.lastCopyError.Store(err.Error())

@@ -2,6 +2,7 @@ package driver
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	amqp "github.com/rabbitmq/amqp091-go"
@@ -80,15 +81,14 @@ func (a *Agent) process(ctx context.Context, f *flow, m *message) (string, resul
 		}
 		return a.fail(ctx, f, m, r), r
 	}
-	if f.ended() {
-		// Waiting behind an ordering key, or buffered, when the channel
-		// closed: its ack could not succeed, and the broker delivers it
-		// again to the next session.
+	if err := a.waitInSession(ctx, f, m); err != nil {
+		// Waiting behind an ordering key, for the limit or the pace, or
+		// buffered, when the channel closed: its ack could not succeed,
+		// and the broker delivers it again to the next session.
 		r := result{reason: "its session ended before its dispatch"}
-		return a.settle(f, m, r, false), r
-	}
-	if ctx.Err() != nil || a.wait(ctx) != nil {
-		r := result{reason: "agent stopping"}
+		if !errors.Is(err, errSessionEnded) {
+			r.reason = "agent stopping"
+		}
 		return a.settle(f, m, r, false), r
 	}
 	r := a.dispatch(ctx, m)
@@ -112,7 +112,7 @@ func (a *Agent) process(ctx context.Context, f *flow, m *message) (string, resul
 func (a *Agent) processAutoAcked(ctx context.Context, f *flow, m *message) (string, result) {
 	r, unfit := a.unfit(m)
 	if !unfit {
-		waited := a.wait(ctx) == nil
+		waited := a.wait(ctx, nil) == nil
 		r = a.dispatch(ctx, m)
 		if waited {
 			a.release(r)

@@ -2,6 +2,7 @@ package driver
 
 import (
 	"context"
+	"math"
 	"sync"
 	"time"
 )
@@ -17,17 +18,23 @@ import (
 //     second than paceCut times what the backend took over the last
 //     second (at least minPace), raised by a fiftieth (at least a tenth of
 //     minPace) every 100 ms while the backend keeps up, and lifted after
-//     releaseAfter without a push-back. It protects a backend that
-//     rejects fast (a rate limit), which the limit alone cannot: one
-//     dispatch in flight may still be thousands a second.
+//     releaseAfter without a push-back that counts. It protects a
+//     backend that rejects fast (a rate limit), which the limit alone
+//     cannot: one dispatch in flight may still be thousands a second.
 //
 // Push-backs count only while they are at least minPushedShare of the
-// answers of the last second: a few stray 503s are no overload. A
-// healthy backend meets neither means: the limit stays at the workers
-// and nothing is paced.
+// answers of the last second: a few stray 503s are no overload. To start
+// holding back, they must be above that share by strayMargin standard
+// deviations: over the few answers after a reconnect, chance alone often
+// makes stray 503s a tenth. The rate the backend took is measured since
+// the session's first answer when that is less than a second ago: the
+// time without a connection is no measure of the backend. A healthy
+// backend meets neither means: the limit stays at the workers and
+// nothing is paced.
 const (
 	pressureCooldown = 200 * time.Millisecond
 	minPushedShare   = 0.1
+	strayMargin      = 4.0
 	paceCut          = 0.9
 	minPace          = 1.0 // dispatches a second
 	releaseAfter     = 5 * time.Second
@@ -44,8 +51,8 @@ type pressure struct {
 	inFlight int
 	pace     float64 // dispatches a second; 0 when not paced
 	next     time.Time
-	// cut, pushed and raised are the last decrease, push-back and pace
-	// increase; started is the first answer.
+	// cut, pushed and raised are the last decrease, counted push-back
+	// and pace increase; started is the session's first answer.
 	cut, pushed, raised, started time.Time
 	window                       [windowBuckets]bucket
 	waiting                      int
@@ -73,8 +80,9 @@ func newPressure(workers int, onChange func(pressureState, result)) *pressure {
 	return &pressure{max: workers, limit: float64(workers), wake: make(chan struct{}), onChange: onChange}
 }
 
-// enter waits until a dispatch may start, or ctx ends.
-func (p *pressure) enter(ctx context.Context) error {
+// enter waits until a dispatch may start, or ctx ends; held, when set,
+// is called once before the first wait.
+func (p *pressure) enter(ctx context.Context, held func()) error {
 	for {
 		p.mu.Lock()
 		now := time.Now()
@@ -86,6 +94,10 @@ func (p *pressure) enter(ctx context.Context) error {
 		p.waiting++
 		wake := p.wake
 		p.mu.Unlock()
+		if held != nil {
+			held()
+			held = nil
+		}
 		err := sleepOrWake(ctx, wake, wait)
 		p.mu.Lock()
 		p.waiting--
@@ -127,6 +139,23 @@ func sleepOrWake(ctx context.Context, wake <-chan struct{}, d time.Duration) err
 	return nil
 }
 
+// abandon ends a dispatch that enter let start but that did not run: no
+// answer is counted.
+func (p *pressure) abandon() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.inFlight--
+	p.wakeWaiters()
+}
+
+// wakeWaiters lets the waiting dispatches try again; p.mu is held.
+func (p *pressure) wakeWaiters() {
+	if p.waiting > 0 {
+		close(p.wake)
+		p.wake = make(chan struct{})
+	}
+}
+
 // leave ends a dispatch with its answer, adjusting the limit and pace.
 func (p *pressure) leave(r result) { p.leaveAt(r, time.Now()) }
 
@@ -146,10 +175,7 @@ func (p *pressure) leaveAt(r result, now time.Time) {
 	if holding := p.holding(); holding != wasHolding && p.onChange != nil {
 		p.onChange(p.stateLocked(), r)
 	}
-	if p.waiting > 0 {
-		close(p.wake)
-		p.wake = make(chan struct{})
-	}
+	p.wakeWaiters()
 }
 
 // pushBack halves the limit and paces the agent below what the backend
@@ -157,11 +183,14 @@ func (p *pressure) leaveAt(r result, now time.Time) {
 // halves the limit: the backend's refusals may be faster than its
 // answers, so what it took cannot be told yet.
 func (p *pressure) pushBack(now time.Time) {
-	p.pushed = now
 	p.pushedBack++
 	p.bucket(now).pushed++
 	taken, pushed := p.counts(now)
-	if now.Sub(p.cut) < pressureCooldown || pushed < minPushedShare*(taken+pushed) {
+	if !p.overloaded(taken, pushed) {
+		return
+	}
+	p.pushed = now
+	if now.Sub(p.cut) < pressureCooldown {
 		return
 	}
 	episode := !p.cut.IsZero() && now.Sub(p.cut) < releaseAfter
@@ -191,6 +220,18 @@ func (p *pressure) keepUp(now time.Time) {
 	}
 }
 
+// overloaded tells whether the push-backs are share enough of the
+// answers to count: a tenth while the agent holds back; for it to start,
+// at least three and clearly more than a tenth, so that stray push-backs
+// among few answers do not slow it down.
+func (p *pressure) overloaded(taken, pushed float64) bool {
+	n := taken + pushed
+	if p.holding() {
+		return pushed >= minPushedShare*n
+	}
+	return pushed >= 3 && pushed > minPushedShare*n+strayMargin*math.Sqrt(minPushedShare*(1-minPushedShare)*n)
+}
+
 // holding tells whether the agent holds back; p.mu is held.
 func (p *pressure) holding() bool { return int(p.limit) < p.max || p.pace > 0 }
 
@@ -206,8 +247,21 @@ func (p *pressure) counts(now time.Time) (taken, pushed float64) {
 	return taken, pushed
 }
 
+// restart begins a session: the answers of the last one, and the time
+// without a connection, are no measure of what the backend takes now, so
+// rates are measured from the session's first answer, and its first cut
+// only halves the limit, as an episode's first does. The limit and the
+// pace are kept: an overload outlasts a reconnect.
+func (p *pressure) restart() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.started = time.Time{}
+	p.window = [windowBuckets]bucket{}
+	p.cut = time.Time{}
+}
+
 // rate turns a count over the window into a rate a second; since the
-// first answer when that is more recent.
+// session's first answer when that is more recent.
 func (p *pressure) rate(count float64, now time.Time) float64 {
 	return count / min(window, max(now.Sub(p.started), bucketWidth)).Seconds()
 }

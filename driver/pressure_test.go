@@ -1,11 +1,16 @@
 package driver
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"math/rand"
 	"net/http"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/luraproject/lura/v2/logging"
 )
 
 // tryEnter starts a dispatch at now if the limit and the pace let it.
@@ -135,7 +140,7 @@ func TestPressureProbesADeadBackend(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
-	if err := p.enter(ctx); !errors.Is(err, context.DeadlineExceeded) {
+	if err := p.enter(ctx, nil); !errors.Is(err, context.DeadlineExceeded) {
 		t.Errorf("enter = %v, want the context's error", err)
 	}
 }
@@ -200,4 +205,79 @@ func simulateRateLimit(rate, workers, seconds int) (attempts, taken []int) {
 		}
 	}
 	return attempts, taken
+}
+
+// Stray 503s, 5% of the answers, right after reconnects: over the few
+// answers of a new session they are often a tenth by chance, but the
+// agent keeps its full speed.
+func TestPressureIgnoresStrayPushBacksAfterReconnects(t *testing.T) {
+	p := newPressure(16, nil)
+	rnd := rand.New(rand.NewSource(1))
+	now := epochTime
+	for session := range 100 {
+		p.restart()
+		for i := range 300 {
+			p.tryEnter(now)
+			r := answered
+			if rnd.Float64() < 0.05 {
+				r = result{reason: "503", status: http.StatusServiceUnavailable, kind: "http_status"}
+			}
+			p.leaveAt(r, now)
+			if s := p.state(); s.limit != 16 || s.pace != 0 {
+				t.Fatalf("session %d, answer %d: state %+v, want the full limit and no pace", session, i, s)
+			}
+			now = now.Add(time.Millisecond)
+		}
+		now = now.Add(time.Second) // the reconnect
+	}
+}
+
+// A real overload that outlasts a reconnect: the pace is what the
+// backend took since the new session began, not that spread over a
+// second that was mostly without a connection.
+func TestPressurePacesFromWhatTheNewSessionTook(t *testing.T) {
+	p := newPressure(16, nil)
+	now := epochTime
+	for range 16 {
+		p.tryEnter(now)
+		p.leaveAt(tooMany, now)
+	}
+	now = now.Add(time.Second)
+	p.restart()
+	// The backend takes 100 a second and refuses nine in ten.
+	for i := 1; p.state().pace == 0; i++ {
+		now = now.Add(time.Millisecond)
+		r := tooMany
+		if i%10 == 0 {
+			r = answered
+		}
+		p.inFlight++
+		p.leaveAt(r, now)
+		if i > 1000 {
+			t.Fatal("no pace after a second of overload")
+		}
+	}
+	if pace := p.state().pace; pace < 50 || pace > 100 {
+		t.Errorf("pace %.1f a second, want about 0.9 × the 100 the backend takes", pace)
+	}
+}
+
+// The report warns about back-pressure only while the agent holds back:
+// stray push-backs that do not slow it down are logged at DEBUG.
+func TestPressureReportWarnsOnlyWhileHoldingBack(t *testing.T) {
+	logs := &bytes.Buffer{}
+	logger, _ := logging.NewLogger("DEBUG", logs, "")
+	a := mustNew(Options{Name: "report", Workers: 16, Timeout: time.Second, Logger: logger, BackPressure: true})
+	a.pressure.inFlight++
+	a.pressure.leave(result{reason: "503", status: http.StatusServiceUnavailable, kind: "http_status"})
+	a.report()
+	if strings.Contains(logs.String(), "WARNING") || !strings.Contains(logs.String(), "1 answers pushed back") {
+		t.Errorf("one stray 503: logs %q, want a DEBUG line and no warning", logs.String())
+	}
+	logs.Reset()
+	a.pressure.limit = 8
+	a.report()
+	if !strings.Contains(logs.String(), "WARNING") || !strings.Contains(logs.String(), "8 of 16 dispatches") {
+		t.Errorf("holding back: logs %q, want a warning", logs.String())
+	}
 }

@@ -57,8 +57,13 @@ func (a *Agent) report() {
 		a.log.Warning(fmt.Sprintf("%d replies did not reach their caller; last: %s", n, last))
 	}
 	if p := a.pressure; p != nil {
-		if n, s := p.swapPushedBack(), p.state(); n > 0 || s.limit < a.opts.Workers || s.pace > 0 {
+		// Stray push-backs that do not slow the agent down are no cause
+		// for a warning.
+		switch n, s := p.swapPushedBack(), p.state(); {
+		case s.limit < a.opts.Workers || s.pace > 0:
 			a.log.Warning(fmt.Sprintf("back-pressure: %d answers pushed back (429, 503, timeout); %s", n, a.holdingBack(s)))
+		case n > 0:
+			a.log.Debug(fmt.Sprintf("%d answers pushed back (429, 503, timeout), too few to hold back for", n))
 		}
 	}
 	if n := a.stats.unsettled.Swap(0); n > 0 {

@@ -105,6 +105,9 @@ func (a *Agent) serve(ctx context.Context, sess *consumer.Session) error {
 	}
 	a.log.Info(fmt.Sprintf("consuming queue %q bound to exchange %q with %s as %s (workers %d, prefetch %d)",
 		s.Queue, s.Exchange, strings.Join(keys, ", "), sess.Tag(), a.opts.Workers, s.PrefetchCount))
+	if a.pressure != nil {
+		a.pressure.restart()
+	}
 	a.ping()
 	a.metrics.onConnected(true)
 	defer a.metrics.onConnected(false)

@@ -1,5 +1,7 @@
 package driver
 
+import "context"
+
 // settler acks or nacks the messages of one session and counts their
 // outcomes. It is chosen once per session: the ack batcher (acks.go)
 // when the agent acks, the direct settler with auto_ack and in tests.
@@ -31,6 +33,10 @@ type flow struct {
 	// delivery's headers (they arrive empty) and why; nil when the
 	// session cannot tell.
 	unreadable func(tag uint64) (string, bool)
+	// live ends when the agent stops or the session's channel closes:
+	// waits for the rate limit and the back-pressure end with it. Nil
+	// in tests that build a flow by hand.
+	live context.Context
 }
 
 // FrameMax is the frame_max of the session's publishing connection, 0

@@ -2,6 +2,7 @@ package driver
 
 import (
 	"context"
+	"errors"
 	"sync"
 
 	amqp "github.com/rabbitmq/amqp091-go"
@@ -11,7 +12,16 @@ import (
 // messages are settled through one settler per session: the ack batcher
 // (acks.go), or on the spot with auto_ack.
 func (a *Agent) consume(ctx, bound context.Context, sess session, workers int) {
-	f := &flow{session: sess, settler: directSettler{a}}
+	live, stop := context.WithCancel(ctx)
+	defer stop()
+	go func() {
+		select {
+		case <-sess.Done():
+			stop()
+		case <-live.Done():
+		}
+	}()
+	f := &flow{session: sess, settler: directSettler{a}, live: live}
 	if u, ok := sess.(interface {
 		Unreadable(tag uint64) (string, bool)
 	}); ok {
@@ -79,18 +89,56 @@ type session interface {
 }
 
 // wait applies consumer.max_rate and the back-pressure, both shared by
-// all workers of the agent. Once it returns nil, the dispatch must end
-// with release.
-func (a *Agent) wait(ctx context.Context) error {
+// all workers of the agent; held, when set, is called once if the
+// back-pressure makes the dispatch wait. Once it returns nil, the
+// dispatch must end with release.
+func (a *Agent) wait(ctx context.Context, held func()) error {
 	if a.limiter != nil {
 		if err := a.limiter.Wait(ctx); err != nil {
 			return err
 		}
 	}
 	if a.pressure != nil {
-		return a.pressure.enter(ctx)
+		return a.pressure.enter(ctx, held)
 	}
 	return nil
+}
+
+// errSessionEnded says a message's session ended before its dispatch.
+var errSessionEnded = errors.New("the session ended")
+
+// waitInSession is wait for a message of a session. The wait ends with
+// the session: a message dispatched after it could not be acked, and
+// the broker delivers it again, so the backend would see it twice. While
+// it waits for the back-pressure, the message is marked held, so that
+// the acks of the messages after it are not kept waiting for it.
+func (a *Agent) waitInSession(ctx context.Context, f *flow, m *message) error {
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	if f.ended() {
+		return errSessionEnded
+	}
+	live := ctx
+	if f.live != nil {
+		live = f.live
+	}
+	err := a.wait(live, func() { f.settler.holding(m) })
+	if ctx.Err() == nil && f.ended() {
+		if err == nil {
+			a.abandon()
+		}
+		return errSessionEnded
+	}
+	return err
+}
+
+// abandon gives back a turn that wait gave, for a dispatch that will
+// not run.
+func (a *Agent) abandon() {
+	if a.pressure != nil {
+		a.pressure.abandon()
+	}
 }
 
 // release ends a dispatch that wait let start, with its answer.
