@@ -95,12 +95,12 @@ type confirmChannel struct {
 // RabbitMQ's direct reply-to: the broker writes the rest on delivery.
 const directReplyToPrefix = "amq.rabbitmq.reply-to."
 
-// DirectReplyTo tells whether a publish goes to a caller's direct
+// directReplyTo tells whether a publish goes to a caller's direct
 // reply-to name. Such a publish is sent without the mandatory flag:
 // RabbitMQ (3.10 and 4.0 alike) returns every mandatory one as unroutable,
 // also when it delivered it, so a return would say nothing, and would
 // carry each reply's body back. A reply to a caller who left is dropped.
-func DirectReplyTo(exchange, key string) bool {
+func directReplyTo(exchange, key string) bool {
 	return exchange == "" && strings.HasPrefix(key, directReplyToPrefix)
 }
 
@@ -121,7 +121,7 @@ func openConfirmChannel(conn *amqp.Connection) (*confirmChannel, error) {
 	c := newConfirmChannel(ch.NotifyClose(make(chan *amqp.Error, 1)))
 	c.ch = ch
 	c.send = func(ctx context.Context, exchange, key string, msg amqp.Publishing) (confirmation, error) {
-		mandatory, immediate := !DirectReplyTo(exchange, key), false
+		mandatory, immediate := !directReplyTo(exchange, key), false
 		return ch.PublishWithDeferredConfirmWithContext(ctx, exchange, key, mandatory, immediate, msg)
 	}
 	go c.watch(ch.NotifyReturn(make(chan amqp.Return, returnsBuffer)))
