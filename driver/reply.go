@@ -78,9 +78,11 @@ func (a *Agent) capture(resp *proxy.Response, err error, r result) *answer {
 	}
 	switch {
 	case resp != nil && resp.Io != nil: // encoding no-op: the answer as is
-		ans.body, ans.size = readAtMost(resp.Io, a.opts.Reply.MaxBodyBytes)
-		ans.contentType = first(resp.Metadata.Headers, "Content-Type")
-		ans.contentEncoding = first(resp.Metadata.Headers, "Content-Encoding")
+		// One byte past the bound tells a body over it (dropped below);
+		// discardBody drains the rest.
+		ans.body, _ = io.ReadAll(io.LimitReader(resp.Io, int64(a.opts.Reply.MaxBodyBytes)+1))
+		ans.contentType = http.Header(resp.Metadata.Headers).Get("Content-Type")
+		ans.contentEncoding = http.Header(resp.Metadata.Headers).Get("Content-Encoding")
 		ans.headers = a.answerHeaders(resp.Metadata.Headers)
 		if a.opts.CloudEvents {
 			for k, v := range replyEvent(resp.Metadata.Headers) {
@@ -115,23 +117,6 @@ func replyStatus(r result) int {
 		return http.StatusGatewayTimeout
 	}
 	return http.StatusBadGateway
-}
-
-// readAtMost reads a body up to most bytes; a longer one is not kept,
-// and its size is reported as most+1 (discardBody drains the rest).
-func readAtMost(r io.Reader, most int) ([]byte, int) {
-	body, _ := io.ReadAll(io.LimitReader(r, int64(most)+1))
-	if len(body) <= most {
-		return body, 0
-	}
-	return nil, len(body)
-}
-
-func first(h map[string][]string, name string) string {
-	if v := h[name]; len(v) > 0 {
-		return v[0]
-	}
-	return ""
 }
 
 // answerHeaders copies the answer headers reply.headers lists, under the
