@@ -955,3 +955,63 @@ func TestLogsNeverHoldThePassword(t *testing.T) {
 		prefix+"stopped",
 	)
 }
+
+// TestQuorumDeliveryCountReachesTheBackend: a message a quorum queue
+// delivers again (here after a consumer closed its channel without an
+// ack) reaches the backend with X-Amqp-Delivery-Count, the broker's
+// x-delivery-count; a first delivery never has it, even when its
+// publisher set an x-delivery-count header (passed as any header).
+func TestQuorumDeliveryCountReachesTheBackend(t *testing.T) {
+	f := newFixture(t)
+	ch, err := f.conn.Channel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ch.Close()
+	if _, err := ch.QueueDeclare(f.queue, true, false, false, false, amqp.Table{"x-queue-type": "quorum"}); err != nil {
+		t.Fatal(err)
+	}
+	f.pub.Publish("", f.queue, amqp.Publishing{MessageId: "again", Body: []byte(`{}`)})
+	// The broker returns the message when the channel closes unacked.
+	taker, err := f.conn.Channel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ds, err := taker.Consume(f.queue, "", false, false, false, false, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-ds:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the message was not delivered")
+	}
+	_ = taker.Close()
+	f.pub.Publish("", f.queue, amqp.Publishing{MessageId: "first", Body: []byte(`{}`),
+		Headers: amqp.Table{"x-delivery-count": int64(7)}})
+
+	be := newBackend(t, nil)
+	gw := startAgents(t, agentSpec{Name: "counted", Topic: "k", Workers: 1, Backend: be.URL,
+		Block: block(f.queue, f.exchange, map[string]interface{}{"queue_args": map[string]interface{}{"x-queue-type": "quorum"}})})
+	gw.waitPing(t, "counted")
+	brokertest.Eventually(t, 20*time.Second, "both messages at the backend", func() bool { return be.count() >= 2 })
+	for _, r := range be.requests() {
+		id, count := r.Header.Get("X-Amqp-Message-Id"), r.Header.Get("X-Amqp-Delivery-Count")
+		switch id {
+		case "again":
+			if n, err := strconv.Atoi(count); err != nil || n < 1 || r.Header.Get("X-Amqp-Redelivered") != "true" {
+				t.Errorf("redelivered message: X-Amqp-Delivery-Count %q, X-Amqp-Redelivered %q; want a count of at least 1, true",
+					count, r.Header.Get("X-Amqp-Redelivered"))
+			}
+		case "first":
+			if count != "" {
+				t.Errorf("first delivery: X-Amqp-Delivery-Count %q, want none (the publisher's header is not the broker's count)", count)
+			}
+			if got := r.Header.Get("X-Amqp-Header-X-Delivery-Count"); got != "7" {
+				t.Errorf("first delivery: the publisher's header came as %q, want 7", got)
+			}
+		default:
+			t.Errorf("unexpected message %q", id)
+		}
+	}
+}

@@ -36,6 +36,10 @@ const (
 	// HeaderAttempt is the number of this dispatch of the message: 1
 	// the first time, 2 after one failure, and so on.
 	HeaderAttempt = "X-Amqp-Attempt"
+	// HeaderDeliveryCount is a quorum queue's count of the earlier
+	// deliveries of this copy of the message (x-delivery-count), sent
+	// on a redelivery only.
+	HeaderDeliveryCount = "X-Amqp-Delivery-Count"
 	// HeaderPrefix precedes the name of every AMQP message header.
 	HeaderPrefix = "X-Amqp-Header-"
 )
@@ -70,6 +74,9 @@ func newRequest(m *message, params bool) *proxy.Request {
 	set(HeaderExchange, exchange)
 	set(HeaderAttempt, strconv.Itoa(m.attempt()))
 	set(HeaderRedelivered, strconv.FormatBool(d.Redelivered))
+	if m.deliveries > 0 {
+		set(HeaderDeliveryCount, strconv.FormatInt(m.deliveries, 10))
+	}
 	set(HeaderMessageID, d.MessageId)
 	set(HeaderCorrelationID, d.CorrelationId)
 	set(HeaderReplyTo, d.ReplyTo)

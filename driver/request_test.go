@@ -789,3 +789,35 @@ func TestIdempotencyKey(t *testing.T) {
 		t.Errorf("a message id gives %q, want it cleaned for HTTP", got)
 	}
 }
+
+// TestDeliveryCountOnlyOnARedelivery: X-Amqp-Delivery-Count carries a
+// quorum queue's x-delivery-count when the broker delivers a message
+// again, never a count a publisher set on a first delivery, and the
+// count of this delivery, not the one kept from the copy's original.
+func TestDeliveryCountOnlyOnARedelivery(t *testing.T) {
+	a := failAgent(driverconfig.Retry{MaxAttempts: 3, Delay: time.Second, MaxDelay: time.Second, Multiplier: 1}, driverconfig.DeadLetter{})
+	retried := expiredFrom(&amqp.Delivery{Redelivered: true, Headers: amqp.Table{
+		"x-delivery-count": int64(2), keptPrefix + "x-delivery-count": int64(9), HeaderAttempts: int32(1),
+		HeaderOriginalExchange: "orders", HeaderOriginalRoutingKey: "k",
+	}}, "work.retry.1s")
+	for _, c := range []struct {
+		name string
+		d    *amqp.Delivery
+		want string // "" means absent
+	}{
+		{"redelivered by a quorum queue", &amqp.Delivery{Redelivered: true, Headers: amqp.Table{"x-delivery-count": int64(3)}}, "3"},
+		{"as RabbitMQ 3.x writes it", &amqp.Delivery{Redelivered: true, Headers: amqp.Table{"x-delivery-count": int32(1)}}, "1"},
+		{"first delivery, the publisher's header", &amqp.Delivery{Headers: amqp.Table{"x-delivery-count": int64(7)}}, ""},
+		{"redelivered, no count (a classic queue)", &amqp.Delivery{Redelivered: true}, ""},
+		{"redelivered, not an integer", &amqp.Delivery{Redelivered: true, Headers: amqp.Table{"x-delivery-count": "5"}}, ""},
+		{"redelivered, zero or negative", &amqp.Delivery{Redelivered: true, Headers: amqp.Table{"x-delivery-count": int64(-4)}}, ""},
+		{"a retry copy delivered again", retried, "2"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			got, ok := header(newRequest(a.msg(c.d), false), HeaderDeliveryCount)
+			if c.want == "" && ok || c.want != "" && got != c.want {
+				t.Errorf("%s = %q (present %t), want %q", HeaderDeliveryCount, got, ok, c.want)
+			}
+		})
+	}
+}

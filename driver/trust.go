@@ -35,6 +35,10 @@ type message struct {
 	parked string
 	// lastError is why a parked message failed.
 	lastError string
+	// deliveries is the queue's count of earlier deliveries of this
+	// copy (a quorum queue's x-delivery-count on a redelivery); 0 when
+	// the broker gave none.
+	deliveries int64
 	// unreadable is why the client library could not read the message's
 	// headers; they arrived empty.
 	unreadable string
@@ -64,6 +68,7 @@ const maxNameLength = 255
 func (a *Agent) read(m *message) {
 	d := m.d
 	m.exchange, m.key = d.Exchange, d.RoutingKey
+	m.deliveries = deliveryCount(d)
 	m.retried = a.fromRetryQueue(d)
 	if m.retried {
 		a.readRetried(m)
@@ -95,6 +100,21 @@ func (a *Agent) readRetried(m *message) {
 			shortID(d), HeaderOriginalExchange, HeaderOriginalRoutingKey))
 	}
 	m.d = restored(d)
+}
+
+// deliveryCount is the x-delivery-count a quorum queue writes on a
+// message it delivers again: read only on a redelivery, since on a first
+// delivery the header, if any, is the publisher's. 0 when absent or not
+// a positive integer.
+func deliveryCount(d *amqp.Delivery) int64 {
+	if !d.Redelivered {
+		return 0
+	}
+	n, ok := integer(d.Headers["x-delivery-count"])
+	if !ok || n < 1 {
+		return 0
+	}
+	return n
 }
 
 // readEvent reads a message as a CloudEvent (see cloudevents.go): nil
