@@ -217,6 +217,11 @@ func rabbitMQ4Warnings(cfg config.Config) []string {
 			"dead_letter.broker send failures to; the driver's own retries are new copies and do not count; "+
 			"set x-delivery-limit to the bound you want on every version")
 	}
+	if fmt.Sprint(cfg.QueueArgs["x-delivery-limit"]) == "0" && cfg.QueueArgs["x-queue-type"] == "quorum" {
+		out = append(out, "queue_args.x-delivery-limit 0: the quorum queue drops a message (or dead-letters it to the queue's "+
+			"dead-letter exchange) the first time it goes back to the queue, so every message in flight when a connection "+
+			"is lost or the gateway stops is gone; set 1 or more")
+	}
 	return out
 }
 

@@ -668,6 +668,7 @@ func TestWarnings(t *testing.T) {
 		{map[string]interface{}{"queue_args": map[string]interface{}{"x-queue-master-locator": "min-masters"}}, []string{"x-queue-master-locator: RabbitMQ 4.3 and newer refuse it"}},
 		{map[string]interface{}{"queue_args": map[string]interface{}{"x-queue-type": "quorum"}}, []string{"x-delivery-limit: RabbitMQ 4.0 and newer give it a limit of 20"}},
 		{map[string]interface{}{"queue_args": map[string]interface{}{"x-queue-type": "quorum", "x-delivery-limit": 50}}, nil},
+		{map[string]interface{}{"queue_args": map[string]interface{}{"x-queue-type": "quorum", "x-delivery-limit": 0}}, []string{"x-delivery-limit 0: the quorum queue drops a message"}},
 	} {
 		block := unitBlock(map[string]interface{}{"durable": true})
 		for k, v := range tc.over {

@@ -43,7 +43,7 @@ var queueArgRules = map[string]argRule{
 	"x-max-length":                nonNegative,
 	"x-max-length-bytes":          nonNegative,
 	"x-max-priority":              between(1, 255),
-	"x-delivery-limit":            nonNegative,
+	"x-delivery-limit":            deliveryLimit,
 	"x-overflow":                  enum("drop-head", "reject-publish", "reject-publish-dlx"),
 	"x-dead-letter-exchange":      isString,
 	"x-dead-letter-routing-key":   isString,
@@ -116,6 +116,17 @@ var (
 	nonNegative = between(0, 1<<53)
 	positive    = between(1, 1<<53)
 )
+
+// deliveryLimit refuses a negative x-delivery-limit: RabbitMQ 4 reads it
+// as no limit, but 3.x drops a message at its first return (a lost
+// connection, a shutdown), so the same file would lose messages there.
+func deliveryLimit(v interface{}) string {
+	if reason := nonNegative(v); reason != "" {
+		return reason + " (RabbitMQ 4 reads a negative limit as none, but 3.x drops a message the first time it goes back " +
+			"to the queue; for no practical limit on every version, set a large one, e.g. 1000000)"
+	}
+	return ""
+}
 
 func isString(v interface{}) string {
 	if _, ok := v.(string); ok {

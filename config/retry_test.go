@@ -150,6 +150,8 @@ func TestParseRetryDeadLetterInvalid(t *testing.T) {
 		reason []string
 	}{
 		{"retry a string", with(map[string]interface{}{"retry": "fast"}), "retry", []string{"object", "string"}},
+		{"queue_args.x-delivery-limit negative", with(map[string]interface{}{"queue_args": map[string]interface{}{"x-delivery-limit": float64(-1)}}),
+			"queue_args.x-delivery-limit", []string{"3.x drops a message the first time", "1000000"}},
 		{"retry a list", with(map[string]interface{}{"retry": []interface{}{}}), "retry", []string{"object", "list"}},
 		{"retry.delay a number", retry(map[string]interface{}{"delay": float64(200)}), "retry.delay", []string{"duration", "200"}},
 		{"retry.delay not a duration", retry(map[string]interface{}{"delay": "soon"}), "retry.delay", []string{"duration", `"soon"`}},
