@@ -164,7 +164,10 @@ soak:
 # shared by every checkout of the machine).
 RABBITMQ4_PORT ?= 5682
 RABBITMQ4_CACHE ?= /var/cache/async-amqp/rabbitmq4-trixie
-RABBITMQ4_ENV = RABBITMQ4_PORT=$(RABBITMQ4_PORT) RABBITMQ4_CACHE=$(RABBITMQ4_CACHE)
+# Its metadata store: khepri (RabbitMQ 4.3's only one) or mnesia (4.0's
+# and 4.1's default). A running node keeps its store: stop it to change.
+RABBITMQ4_METADATA ?= khepri
+RABBITMQ4_ENV = RABBITMQ4_PORT=$(RABBITMQ4_PORT) RABBITMQ4_CACHE=$(RABBITMQ4_CACHE) RABBITMQ4_METADATA=$(RABBITMQ4_METADATA)
 
 .PHONY: rabbitmq4 rabbitmq4-stop test-rabbitmq4
 
@@ -173,8 +176,10 @@ RABBITMQ4_ENV = RABBITMQ4_PORT=$(RABBITMQ4_PORT) RABBITMQ4_CACHE=$(RABBITMQ4_CAC
 ## debootstrap tree under RABBITMQ4_CACHE built once (about 100 s),
 ## run under chroot as rabbit4@localhost on 127.0.0.1:RABBITMQ4_PORT
 ## (default 5682, distribution on the next port), no plugins, with the
-## deprecated features RabbitMQ 4.3 denies denied. Starts it if it is not
-## running (15-25 s) and prints AMQP_URL=... last. Needs root.
+## deprecated features RabbitMQ 4.3 denies denied, and its metadata in
+## Khepri as 4.3 keeps it (RABBITMQ4_METADATA=mnesia for 4.0's default).
+## Starts it if it is not running (15-25 s) and prints AMQP_URL=... last.
+## Needs root.
 ## bin/rabbitmq4/rabbitmqctl runs rabbitmqctl against it.
 rabbitmq4:
 	@$(RABBITMQ4_ENV) bash scripts/rabbitmq4.sh start

@@ -20,6 +20,10 @@
 #                        the CLI tools take ports from RABBITMQ4_PORT+2 to +9
 #   RABBITMQ4_MIRROR     Debian mirror (default http://deb.debian.org/debian)
 #   RABBITMQ4_WAIT       seconds to wait for the node to boot (default 120)
+#   RABBITMQ4_METADATA   the node's metadata store: khepri (default: what
+#                        RabbitMQ 4.3 requires and 4.2 uses for new nodes;
+#                        4.0 enables it as the feature flag khepri_db) or
+#                        mnesia (what 4.0 and 4.1 use unless told)
 #
 # The node is rabbit4@localhost, listens on 127.0.0.1 only, has no plugins
 # (no management or prometheus listener), lets guest/guest in from
@@ -35,6 +39,7 @@ readonly DIST_PORT=${RABBITMQ4_DIST_PORT:-$((PORT + 1))}
 readonly CTL_PORT_MIN=$((PORT + 2)) CTL_PORT_MAX=$((PORT + 9))
 readonly MIRROR=${RABBITMQ4_MIRROR:-http://deb.debian.org/debian}
 readonly WAIT=${RABBITMQ4_WAIT:-120}
+readonly METADATA=${RABBITMQ4_METADATA:-khepri}
 readonly SUITE=trixie
 readonly NODE=rabbit4@localhost
 readonly HOST=127.0.0.1
@@ -285,6 +290,29 @@ await_startup() {
 		die "rabbitmqctl await_startup against $NODE failed"
 }
 
+# store tells the node's metadata store: khepri or mnesia.
+store() {
+	local state
+	state=$(in_tree rabbitmqctl -q list_feature_flags name state 2>/dev/null | awk '$1 == "khepri_db" { print $2 }')
+	[[ $state == enabled ]] && echo khepri || echo mnesia
+}
+
+# use_store moves a fresh node's metadata to the store asked for. 4.0
+# marks khepri_db experimental and wants --experimental; later versions
+# refuse the flag.
+use_store() {
+	case $METADATA in
+	mnesia) return ;;
+	khepri) ;;
+	*) die "RABBITMQ4_METADATA is '$METADATA': use khepri or mnesia" ;;
+	esac
+	[[ $(store) == khepri ]] && return
+	in_tree rabbitmqctl -q enable_feature_flag khepri_db >/dev/null 2>&1 ||
+		in_tree rabbitmqctl -q enable_feature_flag --experimental khepri_db >&2 ||
+		die "could not enable the feature flag khepri_db on $NODE (set RABBITMQ4_METADATA=mnesia to run without Khepri)"
+	[[ $(store) == khepri ]] || die "khepri_db is still not enabled on $NODE"
+}
+
 start() {
 	need_root
 	build
@@ -298,6 +326,10 @@ start() {
 		mount_all
 		await_port
 		await_startup
+		local have
+		have=$(store)
+		[[ $have == "$METADATA" ]] ||
+			die "$NODE already runs on $have, not $METADATA (RABBITMQ4_METADATA): make rabbitmq4-stop first"
 	else
 		local p started=$SECONDS
 		for p in "$PORT" "$DIST_PORT"; do
@@ -313,7 +345,8 @@ start() {
 		setsid "${ARGV[@]}" >"$DATA/console.log" 2>&1 </dev/null 9>&- &
 		await_port
 		await_startup
-		log "$NODE up in $((SECONDS - started))s"
+		use_store
+		log "$NODE up in $((SECONDS - started))s, metadata in $(store)"
 	fi
 	echo "AMQP_URL=$AMQP_URL"
 }
@@ -364,7 +397,7 @@ status() {
 		return 3
 	fi
 	if beam_running && port_open "$PORT"; then
-		echo "$NODE runs: AMQP_URL=$AMQP_URL ($(cat "$STAMP"))"
+		echo "$NODE runs: AMQP_URL=$AMQP_URL, metadata in $(store) ($(cat "$STAMP"))"
 	elif beam_running; then
 		echo "$NODE is booting or stuck (no answer on ${HOST}:${PORT})"
 		return 1
