@@ -6,27 +6,24 @@
 // consuming connection reads through a frame filter (frames.go), so that
 // a message whose headers amqp091 cannot decode arrives with them emptied
 // (Session.Unreadable) instead of closing the connection.
+//
+// consumer.go opens and runs a session; dial.go connects (URLs, TLS,
+// connection properties); declare.go declares the topology and the
+// failure paths' queues; publish.go publishes copies and replies.
 package consumer
 
 import (
 	"context"
 	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"net"
-	"net/url"
 	"os"
-	"strconv"
-	"strings"
 	"sync"
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
-
-	"github.com/krakend-contrib/async-amqp/config"
 )
 
 // Topology is what the session declares before it consumes.
@@ -209,157 +206,6 @@ func (sess *Session) openPublisher(ctx context.Context, s Settings, o *opening) 
 	return nil
 }
 
-// dialAny tries each URL in turn and returns the first connection, with
-// its redacted URL and the failures of the URLs tried before it, or every
-// failure.
-func dialAny(ctx context.Context, s Settings) (dialed, error) {
-	var errs []error
-	for i, u := range s.URLs {
-		refused := new(unreadable)
-		conn, err := dial(ctx, u, s, "", refused)
-		if err == nil {
-			return dialed{conn: conn, refused: refused, index: i, host: config.Redacted(u), skipped: errors.Join(errs...)}, nil
-		}
-		errs = append(errs, fmt.Errorf("connect to %s: %w", config.Redacted(u), err))
-		if ctx.Err() != nil {
-			break
-		}
-	}
-	if len(errs) == 0 {
-		return dialed{}, errors.New("no broker URL to connect to")
-	}
-	return dialed{}, errors.Join(errs...)
-}
-
-// dial connects to rawURL; role is added to the connection name. The
-// consuming connection (filter not nil) reads through a frameFilter,
-// which must see the AMQP frames, not TLS records: so dial does the TCP
-// and TLS steps that amqp.DialConfig would, and fills the amqp.Config as
-// it would from the URL, then hands the connection to amqp.Open.
-func dial(ctx context.Context, rawURL string, s Settings, role string, filter *unreadable) (*amqp.Connection, error) {
-	uri, err := amqp.ParseURI(rawURL)
-	if err != nil {
-		return nil, err
-	}
-	cfg, err := openConfig(uri, rawURL, s, role)
-	if err != nil {
-		return nil, err
-	}
-	timeout := s.DialTimeout
-	if timeout <= 0 && uri.ConnectionTimeout > 0 {
-		timeout = time.Duration(uri.ConnectionTimeout) * time.Millisecond
-	}
-	if timeout <= 0 {
-		timeout = 10 * time.Second
-	}
-	d := net.Dialer{Timeout: timeout}
-	conn, err := d.DialContext(ctx, "tcp", net.JoinHostPort(uri.Host, strconv.Itoa(uri.Port)))
-	if err != nil {
-		return nil, err
-	}
-	// Bounds the TLS and AMQP handshakes; amqp091 clears it once the
-	// connection is open and heartbeats take over.
-	if err := conn.SetDeadline(time.Now().Add(timeout)); err != nil {
-		conn.Close()
-		return nil, err
-	}
-	if uri.Scheme == "amqps" {
-		tc, err := tlsConfig(uri, s.TLS)
-		if err != nil {
-			conn.Close()
-			return nil, err
-		}
-		tconn := tls.Client(conn, tc)
-		if err := tconn.HandshakeContext(ctx); err != nil {
-			conn.Close()
-			return nil, err
-		}
-		conn = tconn
-	}
-	if filter != nil {
-		conn = newFrameFilter(conn, cfg.FrameSize, filter.add)
-	}
-	c, err := amqp.Open(conn, cfg)
-	if err != nil {
-		conn.Close()
-		return nil, err
-	}
-	return c, nil
-}
-
-// openConfig is the amqp.Config that amqp.DialConfig would build from
-// the URL (vhost, SASL mechanisms, heartbeat, channel max, frame size,
-// locale), with the connection's name and product.
-func openConfig(uri amqp.URI, rawURL string, s Settings, role string) (amqp.Config, error) {
-	props := amqp.NewConnectionProperties()
-	props.SetClientConnectionName(connectionName(s.Name) + role)
-	props["product"] = "krakend-contrib/async-amqp"
-	cfg := amqp.Config{
-		Properties: props,
-		Vhost:      uri.Vhost,
-		ChannelMax: uri.ChannelMax,
-		FrameSize:  131072, // amqp091's default, RabbitMQ's frame_max
-		Heartbeat:  10 * time.Second,
-		Locale:     "en_US",
-	}
-	// amqp.URI keeps whether the URL set a heartbeat to itself; 0 is a
-	// value (no heartbeats), so read the query again.
-	if u, err := url.Parse(rawURL); err == nil && u.Query().Has("heartbeat") {
-		secs, err := strconv.ParseUint(u.Query().Get("heartbeat"), 10, 16)
-		if err != nil {
-			return cfg, fmt.Errorf("heartbeat is not an uint16: %w", err)
-		}
-		cfg.Heartbeat = time.Duration(secs) * time.Second
-	}
-	if len(uri.AuthMechanism) == 0 {
-		cfg.SASL = []amqp.Authentication{uri.PlainAuth()}
-	}
-	for _, m := range uri.AuthMechanism {
-		switch strings.ToUpper(m) {
-		case "PLAIN":
-			cfg.SASL = append(cfg.SASL, uri.PlainAuth())
-		case "AMQPLAIN":
-			cfg.SASL = append(cfg.SASL, uri.AMQPlainAuth())
-		case "EXTERNAL":
-			cfg.SASL = append(cfg.SASL, &amqp.ExternalAuth{})
-		default:
-			return cfg, fmt.Errorf("unsupported auth_mechanism: %v", m)
-		}
-	}
-	return cfg, nil
-}
-
-// tlsConfig is the session's TLS configuration, or the one the URL's
-// cacertfile, certfile, keyfile and server_name_indication describe, as
-// amqp091 builds it; the server name is the URL's host unless set.
-func tlsConfig(uri amqp.URI, base *tls.Config) (*tls.Config, error) {
-	var c *tls.Config
-	if base != nil {
-		c = base.Clone()
-	} else {
-		c = &tls.Config{ServerName: uri.ServerName, MinVersion: tls.VersionTLS12}
-		if uri.CACertFile != "" {
-			pem, err := os.ReadFile(uri.CACertFile)
-			if err != nil {
-				return nil, fmt.Errorf("read CA certificate: %w", err)
-			}
-			c.RootCAs = x509.NewCertPool()
-			c.RootCAs.AppendCertsFromPEM(pem)
-		}
-		if uri.CertFile != "" && uri.KeyFile != "" {
-			cert, err := tls.LoadX509KeyPair(uri.CertFile, uri.KeyFile)
-			if err != nil {
-				return nil, fmt.Errorf("load client certificate: %w", err)
-			}
-			c.Certificates = []tls.Certificate{cert}
-		}
-	}
-	if c.ServerName == "" {
-		c.ServerName = uri.Host
-	}
-	return c, nil
-}
-
 func setUp(d dialed, s Settings) (*Session, error) {
 	conn := d.conn
 	ch, err := conn.Channel()
@@ -393,230 +239,10 @@ func (s *Session) consume() error {
 	return nil
 }
 
-// declare maps the configuration to the declarations in one place,
-// naming every positional flag.
-func declare(ch *amqp.Channel, t Topology) error {
-	switch t.Mode {
-	case config.TopologyNone:
-		return nil
-	case config.TopologyPassive:
-		return checkExists(ch, t)
-	}
-	const internal = false
-	err := ch.ExchangeDeclare(t.Exchange, t.ExchangeType, t.Durable, t.AutoDelete, internal, t.NoWait, nil)
-	if err != nil {
-		return exchangeError(err, t)
-	}
-	_, err = ch.QueueDeclare(t.Queue, t.Durable, t.AutoDelete, t.Exclusive, t.NoWait, t.QueueArgs)
-	if err != nil {
-		return queueError(err, t)
-	}
-	for _, key := range t.RoutingKeys {
-		if err := ch.QueueBind(t.Queue, key, t.Exchange, t.NoWait, nil); err != nil {
-			return fmt.Errorf("bind queue %q to exchange %q with routing key %q: %w", t.Queue, t.Exchange, key, err)
-		}
-	}
-	return nil
-}
-
-// checkExists passively declares the exchange and the queue: the broker
-// answers 404 for one that is missing, and the error says which.
-func checkExists(ch *amqp.Channel, t Topology) error {
-	err := ch.ExchangeDeclarePassive(t.Exchange, t.ExchangeType, t.Durable, t.AutoDelete, false, false, nil)
-	if isCode(err, amqp.NotFound) {
-		return fmt.Errorf("exchange %q does not exist (topology is passive: the driver declares nothing): %w", t.Exchange, err)
-	}
-	if err != nil {
-		return fmt.Errorf("check exchange %q: %w", t.Exchange, err)
-	}
-	_, err = ch.QueueDeclarePassive(t.Queue, t.Durable, t.AutoDelete, t.Exclusive, false, nil)
-	if isCode(err, amqp.NotFound) {
-		return fmt.Errorf("queue %q does not exist (topology is passive: the driver declares nothing): %w", t.Queue, err)
-	}
-	if err != nil {
-		return fmt.Errorf("check queue %q: %w", t.Queue, err)
-	}
-	return nil
-}
-
-// declareFailurePaths declares the retry queues, whose TTL sends each
-// message back to the work queue through the default exchange, and the
-// dead-letter queue, or checks that the dead-letter exchange exists.
-func declareFailurePaths(conn *amqp.Connection, ch *amqp.Channel, s Settings) error {
-	for _, d := range s.RetryDelays {
-		if err := declareRetryQueue(ch, s, d); err != nil {
-			return err
-		}
-	}
-	if s.DeadLetterQueue != "" {
-		if err := declareDeadLetterQueue(conn, s); err != nil {
-			return err
-		}
-	}
-	if s.DeadLetterExchange != "" {
-		if err := ch.ExchangeDeclarePassive(s.DeadLetterExchange, "topic", false, false, false, false, nil); err != nil {
-			if isCode(err, amqp.NotFound) {
-				return fmt.Errorf("dead-letter exchange %q does not exist: declare it and bind a queue to it: %w", s.DeadLetterExchange, err)
-			}
-			return fmt.Errorf("check dead-letter exchange %q: %w", s.DeadLetterExchange, err)
-		}
-	}
-	return nil
-}
-
-// declareRetryQueue declares the retry queue of one delay: its TTL sends
-// each message back to the work queue through the default exchange.
-func declareRetryQueue(ch *amqp.Channel, s Settings, d time.Duration) error {
-	name := RetryQueue(s.Queue, d)
-	args := retryQueueArgs(s, d)
-	// Exclusive like an exclusive work queue: RabbitMQ 4.3 refuses a
-	// queue that is neither durable nor exclusive, and the retries of a
-	// queue of one connection go with it anyway.
-	const autoDelete, noWait = false, false
-	if _, err := ch.QueueDeclare(name, s.Durable, autoDelete, s.Exclusive, noWait, args); err != nil {
-		if denied := deniedFeature(err, name, s.Topology); denied != nil {
-			return denied
-		}
-		if isCode(err, amqp.PreconditionFailed) || isCode(err, amqp.ResourceLocked) {
-			return fmt.Errorf("declare retry queue %q: it exists with other arguments than %v (declared by an earlier "+
-				"version or another agent?): delete it once it is empty, and the agent declares it again; the broker says: %w", name, args, err)
-		}
-		return fmt.Errorf("declare retry queue %q (ttl %s, back to %q): %w", name, d, s.Queue, err)
-	}
-	return nil
-}
-
-// declareDeadLetterQueue declares the dead-letter queue durable, and a
-// quorum queue when the work queue is one, so that dead letters survive
-// a node's loss as the work does. One that exists already as a classic
-// queue (declared by an earlier version) is kept as it is: the broker
-// refuses the quorum declaration (406), which closes the channel, so it
-// runs on a channel of its own and the queue is then only checked.
-func declareDeadLetterQueue(conn *amqp.Connection, s Settings) error {
-	const durable, autoDelete, exclusive, noWait = true, false, false, false
-	name, args := s.DeadLetterQueue, deadLetterQueueArgs(s)
-	err := onOwnChannel(conn, func(ch *amqp.Channel) error {
-		_, err := ch.QueueDeclare(name, durable, autoDelete, exclusive, noWait, args)
-		return err
-	})
-	if args != nil && isCode(err, amqp.PreconditionFailed) {
-		err = onOwnChannel(conn, func(ch *amqp.Channel) error {
-			_, err := ch.QueueDeclarePassive(name, durable, autoDelete, exclusive, noWait, nil)
-			return err
-		})
-	}
-	if err != nil {
-		return fmt.Errorf("declare dead-letter queue %q: %w", name, err)
-	}
-	return nil
-}
-
-// deadLetterQueueArgs follow the work queue's type: nil (classic) unless
-// it is a quorum queue.
-func deadLetterQueueArgs(s Settings) amqp.Table {
-	if s.QueueArgs["x-queue-type"] == "quorum" {
-		return amqp.Table{"x-queue-type": "quorum"}
-	}
-	return nil
-}
-
-// onOwnChannel runs f on a channel opened for it, and closes it.
-func onOwnChannel(conn *amqp.Connection, f func(*amqp.Channel) error) error {
-	ch, err := conn.Channel()
-	if err != nil {
-		return fmt.Errorf("open channel: %w", err)
-	}
-	err = f(ch)
-	if cerr := ch.Close(); err == nil && !errors.Is(cerr, amqp.ErrClosed) {
-		err = cerr
-	}
-	return err
-}
-
-// retryQueueArgs are the arguments of a retry queue. The way back from a
-// retry queue is the broker's dead-lettering, which is at-most-once for
-// classic queues; for a quorum work queue the retry queues are quorum
-// queues too, with at-least-once dead-lettering (which needs the
-// reject-publish overflow).
-func retryQueueArgs(s Settings, d time.Duration) amqp.Table {
-	args := amqp.Table{
-		"x-message-ttl":             d.Milliseconds(),
-		"x-dead-letter-exchange":    "",
-		"x-dead-letter-routing-key": s.Queue,
-	}
-	if s.QueueArgs["x-queue-type"] == "quorum" {
-		args["x-queue-type"] = "quorum"
-		args["x-dead-letter-strategy"] = "at-least-once"
-		args["x-overflow"] = "reject-publish"
-	}
-	return args
-}
-
-// RetryQueues maps the names of a work queue's retry queues to their
-// delays.
-func RetryQueues(queue string, delays []time.Duration) map[string]time.Duration {
-	names := make(map[string]time.Duration, len(delays))
-	for _, d := range delays {
-		names[RetryQueue(queue, d)] = d
-	}
-	return names
-}
-
-// RetryQueue names the retry queue of a work queue for one delay, e.g.
-// orders.retry.30s.
-func RetryQueue(queue string, d time.Duration) string {
-	switch {
-	case d%time.Hour == 0:
-		return fmt.Sprintf("%s.retry.%dh", queue, d/time.Hour)
-	case d%time.Minute == 0:
-		return fmt.Sprintf("%s.retry.%dm", queue, d/time.Minute)
-	case d%time.Second == 0:
-		return fmt.Sprintf("%s.retry.%ds", queue, d/time.Second)
-	}
-	return fmt.Sprintf("%s.retry.%dms", queue, d.Milliseconds())
-}
-
 func closeWith(closed <-chan *amqp.Error, conn *amqp.Connection) {
 	if err, ok := <-closed; ok && err != nil {
 		_ = conn.CloseDeadline(time.Now().Add(time.Second))
 	}
-}
-
-func exchangeError(err error, t Topology) error {
-	if isCode(err, amqp.PreconditionFailed) {
-		return fmt.Errorf("declare exchange %q: it already exists with other settings than this agent's "+
-			"(type %s, durable %t, auto-delete %t); the broker says: %w",
-			t.Exchange, t.ExchangeType, t.Durable, t.AutoDelete, err)
-	}
-	return fmt.Errorf("declare exchange %q: %w", t.Exchange, err)
-}
-
-func queueError(err error, t Topology) error {
-	if denied := deniedFeature(err, t.Queue, t); denied != nil {
-		return denied
-	}
-	switch {
-	case isCode(err, amqp.PreconditionFailed):
-		return fmt.Errorf("declare queue %q: it already exists with other settings than this agent's "+
-			"(durable %t, auto-delete %t, exclusive %t, arguments %v); the broker says: %w",
-			t.Queue, t.Durable, t.AutoDelete, t.Exclusive, t.QueueArgs, err)
-	case isCode(err, amqp.ResourceLocked):
-		return fmt.Errorf("declare queue %q: it is exclusive to another connection; the broker says: %w", t.Queue, err)
-	}
-	return fmt.Errorf("declare queue %q: %w", t.Queue, err)
-}
-
-func qosError(err error, s Settings) error {
-	if isCode(err, amqp.NotImplemented) && s.PrefetchSize != 0 {
-		return fmt.Errorf("set prefetch (basic.qos): the broker does not support prefetch_size %d "+
-			"(RabbitMQ only supports 0): %w", s.PrefetchSize, err)
-	}
-	return fmt.Errorf("set prefetch (basic.qos) to %d messages, %d bytes: %w", s.PrefetchCount, s.PrefetchSize, err)
-}
-
-func isCode(err error, code int) bool {
-	var aerr *amqp.Error
-	return errors.As(err, &aerr) && aerr.Code == code
 }
 
 // Deliveries is closed when the consumer is cancelled or the channel
@@ -739,11 +365,6 @@ func ignoreClosed(err error) error {
 		return nil
 	}
 	return err
-}
-
-func connectionName(agent string) string {
-	host, _ := os.Hostname()
-	return fmt.Sprintf("krakend-amqp %s@%s pid %d", agent, host, os.Getpid())
 }
 
 // consumerTag is unique per agent, process and session, so that a tag seen
