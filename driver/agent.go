@@ -113,6 +113,9 @@ type Agent struct {
 	retryQueues map[string]time.Duration
 	// received counts deliveries over the agent's life.
 	received atomic.Int64
+	// leftovers remembers the messages handled by a session that ended
+	// before their acks went out; nil with auto_ack.
+	leftovers *leftovers
 }
 
 // LogPrefix starts every log line about an agent, as Lura's components
@@ -175,6 +178,9 @@ func New(opts Options) (*Agent, error) {
 		a.limiter = rate.NewLimiter(rate.Limit(a.opts.MaxRate), 1)
 	}
 	a.keyOf = orderingKey(a.opts.OrderingKey)
+	if !a.opts.Session.AutoAck {
+		a.leftovers = newLeftovers(a.opts.Session.PrefetchCount)
+	}
 	if a.opts.BackPressure {
 		a.pressure = newPressure(a.opts.Workers, a.onPressure)
 	}

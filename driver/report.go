@@ -13,6 +13,7 @@ type stats struct {
 	failed         atomic.Int64 // failed dispatches
 	lastReason     atomic.Value // string
 	unsettled      atomic.Int64 // acks/nacks refused by a closed channel
+	leftovers      atomic.Int64 // redeliveries handled before a cut, not dispatched again
 	deadLettered   atomic.Int64
 	lastDeadLetter atomic.Value // string
 	exhausted      atomic.Int64 // out of attempts with no dead-letter set
@@ -68,6 +69,10 @@ func (a *Agent) report() {
 	}
 	if n := a.stats.unsettled.Swap(0); n > 0 {
 		a.log.Warning(n, "acks/nacks were refused on a closed channel; the broker redelivers those messages")
+	}
+	if n := a.stats.leftovers.Swap(0); n > 0 {
+		a.log.Info(fmt.Sprintf("%d redelivered messages had been handled before a connection cut lost their acks: "+
+			"settled as then, without a second dispatch", n))
 	}
 }
 

@@ -19,6 +19,9 @@ import (
 // worker takes it.
 type message struct {
 	d *amqp.Delivery
+	// raw is the delivery as received, before read restores a copy back
+	// from a retry queue: what a redelivery repeats (see leftovers.go).
+	raw *amqp.Delivery
 	// exchange and key are where the message was first published.
 	exchange, key string
 	// failed counts the failed dispatches of the message before this
