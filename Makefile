@@ -51,6 +51,7 @@ fuzz:
 	GOWORK=off $(GO) test -run XXX -fuzz '^FuzzRequest$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s ./driver
 	GOWORK=off $(GO) test -run XXX -fuzz '^FuzzFailure$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s ./driver
 	GOWORK=off $(GO) test -run XXX -fuzz '^FuzzCloudEvents$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s ./driver
+	GOWORK=off $(GO) test -run XXX -fuzz '^FuzzFingerprint$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s ./driver
 
 ## fmt: rewrite the Go files in gofmt style.
 fmt:

@@ -385,3 +385,31 @@ func checkEvent(t *testing.T, e *event, h map[string][]string) {
 		}
 	}
 }
+
+// FuzzFingerprint: whatever a delivery holds, its fingerprint never
+// panics, and its redelivery (flag, tags, a quorum queue's delivery
+// counts) has the same one; another body has another.
+func FuzzFingerprint(f *testing.F) {
+	fuzzSeeds(f)
+	f.Fuzz(func(t *testing.T, data []byte, back bool) {
+		in := &fuzzInput{b: data}
+		d := in.delivery(back, "work.retry")
+		key := fingerprint(d)
+		again := *d
+		again.Redelivered, again.DeliveryTag, again.ConsumerTag = !d.Redelivered, d.DeliveryTag+1, "other"
+		again.Headers = amqp.Table{"x-delivery-count": int64(in.byte()), "X-Acquired-Count": int32(in.byte())}
+		for k, v := range d.Headers {
+			if !skipped(k, redeliveryHeaders) {
+				again.Headers[k] = v
+			}
+		}
+		if fingerprint(&again) != key {
+			t.Fatal("a redelivery has another fingerprint")
+		}
+		other := *d
+		other.Body = append(append([]byte(nil), d.Body...), 'x')
+		if fingerprint(&other) == key {
+			t.Fatal("another body has the same fingerprint")
+		}
+	})
+}
