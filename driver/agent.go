@@ -116,6 +116,9 @@ type Agent struct {
 	// leftovers remembers the messages handled by a session that ended
 	// before their acks went out; nil with auto_ack.
 	leftovers *leftovers
+	// unconfirmed groups a message with its retry copies whose confirm
+	// was lost; nil when the driver does not own retries.
+	unconfirmed *unconfirmed
 }
 
 // LogPrefix starts every log line about an agent, as Lura's components
@@ -161,6 +164,7 @@ func New(opts Options) (*Agent, error) {
 		a.opts.Session.DeadLetterExchange = a.opts.DeadLetter.Exchange
 		a.opts.Session.OnBlocked = a.onBlocked
 		a.retryQueues = consumer.RetryQueues(a.opts.Session.Queue, a.opts.Session.RetryDelays)
+		a.unconfirmed = newUnconfirmed(a.opts.Session.PrefetchCount, a.opts.Retry.DelayFor(math.MaxInt))
 	}
 	// Lura copies request headers as they are named: canonical, as
 	// net/http writes them, and worked out once, not per message.

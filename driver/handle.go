@@ -73,7 +73,7 @@ func (a *Agent) process(ctx context.Context, f *flow, m *message) (string, resul
 	if a.opts.Session.AutoAck {
 		return a.processAutoAcked(ctx, f, m)
 	}
-	if a.settledBefore(f, m) {
+	if a.settledBefore(f, m) || a.settledInGroup(f, m) {
 		return m.outcome, result{ok: true}
 	}
 	if r, unfit := a.unfit(m); unfit {

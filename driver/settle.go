@@ -83,6 +83,7 @@ func (a *Agent) settleAs(f *flow, m *message, r result, discard bool, outcome st
 		a.replyFailure(m, f) // given up on: its caller need not wait
 	}
 	m.outcome = outcome
+	a.grouped(m, r.ok || discard)
 	f.settler.settle(m, r.ok, !discard, outcome)
 	return outcome
 }

@@ -49,6 +49,10 @@ type message struct {
 	// last is the failure the message is given up on, for its error
 	// reply.
 	last result
+	// unconfirmed are the ids of its retry copies whose publish failed
+	// but which may exist; group is the group it claimed (unconfirmed.go).
+	unconfirmed []string
+	group       *group
 	// bound ends when the dispatch and the copies of the message must
 	// end: at the shutdown bound, not when the agent begins to stop.
 	bound context.Context
