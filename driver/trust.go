@@ -51,7 +51,7 @@ type message struct {
 	last result
 	// unconfirmed are the ids of its retry copies whose publish failed
 	// but which may exist; group is the group it claimed (unconfirmed.go).
-	unconfirmed []string
+	unconfirmed []lostCopy
 	group       *group
 	// bound ends when the dispatch and the copies of the message must
 	// end: at the shutdown bound, not when the agent begins to stop.

@@ -8,6 +8,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	amqp "github.com/rabbitmq/amqp091-go"
 )
 
 // A retry copy whose publish failed without a certain answer (the
@@ -36,6 +38,19 @@ const HeaderCopyID = "x-krakend-copy-id"
 // (a held message makes one per try).
 const maxUnconfirmed = 16
 
+// lostCopy is a retry copy whose confirm was lost: its id, and the
+// content it carries (contentKey).
+type lostCopy struct {
+	id      string
+	content [32]byte
+}
+
+// member of a group by its copy id.
+type copyMember struct {
+	g       *group
+	content [32]byte
+}
+
 // group is a message and its copies whose confirm was lost.
 type group struct {
 	claimed bool // a member is being handled
@@ -53,7 +68,7 @@ type unconfirmed struct {
 	now    func() time.Time
 	size   atomic.Int64 // entries of both maps: read without the lock
 	mu     sync.Mutex
-	byCopy map[string]*group
+	byCopy map[string]copyMember
 	byKey  map[[32]byte][]*group
 }
 
@@ -63,7 +78,7 @@ func newUnconfirmed(prefetch int, longest time.Duration) *unconfirmed {
 	var b [8]byte
 	_, _ = rand.Read(b[:])
 	return &unconfirmed{prefix: hex.EncodeToString(b[:]), ttl: leftoverTTL + longest, most: max(4*prefetch, minLeftovers),
-		now: time.Now, byCopy: map[string]*group{}, byKey: map[[32]byte][]*group{}}
+		now: time.Now, byCopy: map[string]copyMember{}, byKey: map[[32]byte][]*group{}}
 }
 
 // newID names a copy.
@@ -79,13 +94,31 @@ func (a *Agent) lost(m *message, id string, err error) {
 	if len(m.unconfirmed) == maxUnconfirmed {
 		m.unconfirmed = m.unconfirmed[1:]
 	}
-	m.unconfirmed = append(m.unconfirmed, id)
+	m.unconfirmed = append(m.unconfirmed, lostCopy{id: id, content: contentKey(m)})
+}
+
+// contentKey is the fingerprint of a message as its publisher sent it,
+// the same for a message and for its retry copies once back: where it
+// was first published, its body, its properties but the expiration (a
+// copy carries none) and its headers but the driver's. A copy whose
+// headers were dropped to fit a frame differs: it is then dispatched.
+func contentKey(m *message) [32]byte {
+	v := *m.d
+	v.Exchange, v.RoutingKey, v.Expiration = m.exchange, m.key, ""
+	v.Headers = make(amqp.Table, len(m.d.Headers))
+	for k, val := range m.d.Headers {
+		if !driverHeader(k) {
+			v.Headers[k] = val
+		}
+	}
+	return fingerprint(&v)
 }
 
 // member tells whether a delivery is a member of a group that another
 // member claimed or finished; when it is the first, it claims the group.
-// A copy is found by its id; a member that went back to the queue, by
-// its fingerprint once redelivered.
+// A copy is found by its id and its content, so that a forged copy id
+// can only name a copy of the same message; a member that went back to
+// the queue, by its fingerprint once redelivered.
 func (u *unconfirmed) member(m *message) (skip bool) {
 	if u.size.Load() == 0 {
 		return false
@@ -97,10 +130,15 @@ func (u *unconfirmed) member(m *message) (skip bool) {
 	if id == "" && !m.raw.Redelivered {
 		return false
 	}
+	var content [32]byte
+	if id != "" {
+		content = contentKey(m)
+	}
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	g := u.byCopy[id]
-	if g != nil {
+	var g *group
+	if c, ok := u.byCopy[id]; ok && c.content == content {
+		g = c.g
 		delete(u.byCopy, id)
 		u.size.Add(-1)
 	} else if m.raw.Redelivered {
@@ -146,8 +184,8 @@ func (u *unconfirmed) settled(m *message, handled bool) {
 		g = &group{}
 	}
 	g.claimed, g.done, g.at = false, g.done || handled, u.now()
-	for _, id := range m.unconfirmed {
-		u.byCopy[id] = g
+	for _, c := range m.unconfirmed {
+		u.byCopy[c.id] = copyMember{g: g, content: c.content}
 		u.size.Add(1)
 	}
 	if !handled && m.raw != nil {
@@ -166,8 +204,8 @@ func (u *unconfirmed) trim() {
 		return
 	}
 	cutoff := u.now().Add(-u.ttl)
-	for id, g := range u.byCopy {
-		if !g.at.After(cutoff) {
+	for id, c := range u.byCopy {
+		if !c.g.at.After(cutoff) {
 			delete(u.byCopy, id)
 			u.size.Add(-1)
 		}

@@ -141,7 +141,8 @@ func TestAnUnconfirmedCopyOfAHandledMessageIsAckedInALaterSession(t *testing.T) 
 }
 
 // Only the copy named in the group and redeliveries of the message are
-// matched: another copy of the same content, and the same message
+// matched: another copy of the same content, a copy naming the group's
+// copy but carrying something else (forged), and the same message
 // published again, are dispatched.
 func TestOnlyMembersOfAGroupAreMatched(t *testing.T) {
 	var calls atomic.Int64
@@ -153,8 +154,10 @@ func TestOnlyMembersOfAGroupAreMatched(t *testing.T) {
 		other.Headers[k] = v
 	}
 	other.Headers[HeaderCopyID] = "another"
-	nextSession(a, order("1"), other)
-	if n := calls.Load(); n != 3 {
+	forged := s.back(0)
+	forged.Body = []byte(`{"id":"forged"}`)
+	nextSession(a, order("1"), other, forged)
+	if n := calls.Load(); n != 4 {
 		t.Errorf("%d dispatches, want 3: a message outside the group was not dispatched", n)
 	}
 }
