@@ -71,8 +71,8 @@ func (a *Agent) report() {
 		a.log.Warning(n, "acks/nacks were refused on a closed channel; the broker redelivers those messages")
 	}
 	if n := a.stats.leftovers.Swap(0); n > 0 {
-		a.log.Info(fmt.Sprintf("%d redelivered messages had been handled before a connection cut lost their acks: "+
-			"settled as then, without a second dispatch", n))
+		a.log.Info(fmt.Sprintf("%d messages were settled without a dispatch: handled before a connection cut lost their ack, "+
+			"or the same as a message handled since a cut lost the confirm of its retry copy", n))
 	}
 }
 

@@ -144,7 +144,7 @@ func (u *unconfirmed) member(m *message) (skip bool) {
 	} else if m.raw.Redelivered {
 		g = u.takeKey(fingerprint(m.raw))
 	}
-	if g == nil {
+	if g == nil || !g.at.After(u.now().Add(-u.ttl)) {
 		return false
 	}
 	if g.claimed || g.done {
