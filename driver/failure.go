@@ -194,7 +194,7 @@ func (a *Agent) retry(ctx context.Context, pub publisher, m *message, dec decisi
 	defer cancel()
 	err := pub.Publish(ctx, "", queue, fit(pub, msg))
 	if err != nil {
-		a.lost(m, id, err)
+		m.copyLost(id, err)
 	}
 	return err
 }

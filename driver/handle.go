@@ -73,6 +73,8 @@ func (a *Agent) process(ctx context.Context, f *flow, m *message) (string, resul
 	if a.opts.Session.AutoAck {
 		return a.processAutoAcked(ctx, f, m)
 	}
+	// Handled before a cut lost its ack, or the same message as one
+	// handled since a cut lost its copy's confirm: not dispatched again.
 	if a.settledBefore(f, m) || a.settledInGroup(f, m) {
 		return m.outcome, result{ok: true}
 	}

@@ -86,8 +86,9 @@ func (u *unconfirmed) newID() string {
 	return u.prefix + "-" + strconv.FormatUint(u.serial.Add(1), 10)
 }
 
-// lost records a copy of m whose publish failed: it may exist.
-func (a *Agent) lost(m *message, id string, err error) {
+// copyLost records a copy of m whose publish failed: unless the broker
+// refused it, it may exist.
+func (m *message) copyLost(id string, err error) {
 	if id == "" || permanent(err) {
 		return // refused by the broker: it does not exist
 	}
