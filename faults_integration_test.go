@@ -620,8 +620,15 @@ func TestTransientQueueFollowsTheBrokersRule(t *testing.T) {
 // refused, and the broker delivers their messages again to the next
 // session. The agent remembers what it handled, and acks those
 // redeliveries without sending them to the backend again: every message
-// reaches it exactly once.
+// reaches it exactly once. On a quorum queue too, whose redeliveries
+// carry an x-delivery-count the first delivery did not.
 func TestCutsDoNotSendInFlightMessagesTwice(t *testing.T) {
+	for _, queueType := range []string{"classic", "quorum"} {
+		t.Run(queueType, func(t *testing.T) { inFlightAtCuts(t, queueType) })
+	}
+}
+
+func inFlightAtCuts(t *testing.T, queueType string) {
 	f := newFixture(t)
 	p := brokertest.NewProxy(t, "")
 	seen := newTally()
@@ -633,7 +640,8 @@ func TestCutsDoNotSendInFlightMessagesTwice(t *testing.T) {
 	be.delay = 300 * time.Millisecond
 	const workers = 8
 	spec := agentSpec{Name: "inflight", Topic: "k", Workers: workers, Backend: be.URL,
-		Block: block(f.queue, f.exchange, map[string]interface{}{"host": p.URL(), "prefetch_count": 20, "retry": fastRetry(5)})}
+		Block: block(f.queue, f.exchange, map[string]interface{}{"host": p.URL(), "prefetch_count": 20, "retry": fastRetry(5),
+			"queue_args": map[string]interface{}{"x-queue-type": queueType}})}
 	gw := startRaw(t, withConnection(spec.entry(), 10, "linear"))
 	gw.waitPing(t, "inflight")
 
