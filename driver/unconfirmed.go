@@ -131,19 +131,22 @@ func (u *unconfirmed) member(m *message) (skip bool) {
 	if id == "" && !m.raw.Redelivered {
 		return false
 	}
-	var content [32]byte
+	var content, key [32]byte
 	if id != "" {
 		content = contentKey(m)
+	}
+	if m.raw.Redelivered {
+		key = fingerprint(m.raw)
 	}
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	var g *group
-	if c, ok := u.byCopy[id]; ok && c.content == content {
+	if c, ok := u.byCopy[id]; ok && id != "" && c.content == content {
 		g = c.g
 		delete(u.byCopy, id)
 		u.size.Add(-1)
 	} else if m.raw.Redelivered {
-		g = u.takeKey(fingerprint(m.raw))
+		g = u.takeKey(key)
 	}
 	if g == nil || !g.at.After(u.now().Add(-u.ttl)) {
 		return false
