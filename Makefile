@@ -43,14 +43,16 @@ unit:
 
 ## fuzz: run each fuzz target for FUZZTIME: the driver block parser, the
 ## frame filter of the consuming connection, the message-to-request
-## mapping, the failure decision with its copy, and the CloudEvents
-## mapping. (make test runs them over their seed corpus.)
+## mapping, the failure decision with its copy, the CloudEvents
+## mapping, and a delivery's fingerprint. (make test runs them over their
+## seed corpus.)
 fuzz:
 	GOWORK=off $(GO) test -run XXX -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s ./config
 	GOWORK=off $(GO) test -run XXX -fuzz '^FuzzFrames$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s ./consumer
 	GOWORK=off $(GO) test -run XXX -fuzz '^FuzzRequest$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s ./driver
 	GOWORK=off $(GO) test -run XXX -fuzz '^FuzzFailure$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s ./driver
 	GOWORK=off $(GO) test -run XXX -fuzz '^FuzzCloudEvents$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s ./driver
+	GOWORK=off $(GO) test -run XXX -fuzz '^FuzzFingerprint$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s ./driver
 
 ## fmt: rewrite the Go files in gofmt style.
 fmt:

@@ -615,3 +615,73 @@ func TestTransientQueueFollowsTheBrokersRule(t *testing.T) {
 		t.Errorf("the agent consumed although the broker refuses its queue:\n%s", logs)
 	}
 }
+
+// Dispatches in flight when a cut comes end after it: their acks are
+// refused, and the broker delivers their messages again to the next
+// session. The agent remembers what it handled, and acks those
+// redeliveries without sending them to the backend again: every message
+// reaches it exactly once. On a quorum queue too, whose redeliveries
+// carry an x-delivery-count the first delivery did not.
+func TestCutsDoNotSendInFlightMessagesTwice(t *testing.T) {
+	for _, queueType := range []string{"classic", "quorum"} {
+		t.Run(queueType, func(t *testing.T) { inFlightAtCuts(t, queueType) })
+	}
+}
+
+func inFlightAtCuts(t *testing.T, queueType string) {
+	f := newFixture(t)
+	p := brokertest.NewProxy(t, "")
+	seen := newTally()
+	var lastAnswer atomic.Int64 // unix nanos
+	be := newBackend(t, seen.counted(func(int, received) int {
+		lastAnswer.Store(time.Now().UnixNano())
+		return http.StatusOK
+	}))
+	be.delay = 300 * time.Millisecond
+	const workers = 8
+	spec := agentSpec{Name: "inflight", Topic: "k", Workers: workers, Backend: be.URL,
+		Block: block(f.queue, f.exchange, map[string]interface{}{"host": p.URL(), "prefetch_count": 20, "retry": fastRetry(5),
+			"queue_args": map[string]interface{}{"x-queue-type": queueType}})}
+	gw := startRaw(t, withConnection(spec.entry(), 10, "linear"))
+	gw.waitPing(t, "inflight")
+
+	const n = 200
+	if err := publishN(f.conn, f.exchange, "k", n, 0, jsonBody); err != nil {
+		t.Fatalf("publishing: %v", err)
+	}
+	const cuts = 3
+	for i, pct := range []int{20, 45, 70} {
+		at := n * pct / 100
+		// Cut while every worker's dispatch is at the backend, well after
+		// the last answer (its ack is out) and well before the next.
+		brokertest.Eventually(t, 60*time.Second, fmt.Sprintf("%d%% at the backend, %d dispatches in flight mid-way", pct, workers), func() bool {
+			since := time.Since(time.Unix(0, lastAnswer.Load()))
+			return seen.distinctOK() >= at && len(gw.lines("inflight", "consuming queue")) == i+1 &&
+				be.inFlight.Load() == workers && since > 100*time.Millisecond && since < 180*time.Millisecond
+		})
+		if got := p.Cut(); got == 0 {
+			t.Fatalf("cut %d closed no connection", i+1)
+		}
+		t.Logf("cut %d with %d of %d messages at the backend", i+1, seen.distinctOK(), n)
+	}
+	brokertest.Eventually(t, 2*time.Minute, "every message answered 2xx", func() bool { return seen.distinctOK() == n })
+	f.waitEmpty(t)
+
+	if got := len(gw.lines("inflight", "session lost")); got != cuts {
+		t.Errorf("%d 'session lost' lines for %d cuts", got, cuts)
+	}
+	seen.mu.Lock()
+	defer seen.mu.Unlock()
+	for i := range n {
+		id := strconv.Itoa(i)
+		if seen.calls[id] != 1 || seen.ok[id] != 1 {
+			t.Errorf("message %s: %d requests, %d answered 2xx; want exactly one", id, seen.calls[id], seen.ok[id])
+		}
+	}
+	if seen.total != n {
+		t.Errorf("%d requests for %d messages", seen.total, n)
+	}
+	if got := len(gw.lines("inflight", "not dispatched again")); got < workers {
+		t.Errorf("%d redeliveries settled without a dispatch, want at least %d (a cut's in-flight dispatches)", got, workers)
+	}
+}

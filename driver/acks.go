@@ -25,14 +25,15 @@ type acks struct {
 	done     chan struct{}
 	// The state below belongs to the run goroutine.
 	ch      amqp.Acknowledger
-	next    uint64            // lowest tag not settled yet
-	waiting map[uint64]string // acked tags above a gap, with their outcome
-	sent    runs              // tags above a gap settled one by one
-	stuck   map[uint64]bool   // held tags: gaps that last
-	hold    int               // most finished tags kept waiting on a gap
+	next    uint64                // lowest tag not settled yet
+	waiting map[uint64]ackRequest // acked tags above a gap
+	sent    runs                  // tags above a gap settled one by one
+	stuck   map[uint64]bool       // held tags: gaps that last
+	hold    int                   // most finished tags kept waiting on a gap
 }
 
 type ackRequest struct {
+	m       *message // remembered if the channel refuses the settlement
 	ch      amqp.Acknowledger
 	tag     uint64
 	ack     bool
@@ -55,14 +56,14 @@ func idleAcks(a *Agent, prefetch int) *acks {
 	}
 	q := &acks{
 		agent: a, requests: make(chan ackRequest, max(prefetch, 64)), done: make(chan struct{}),
-		next: 1, waiting: map[uint64]string{}, stuck: map[uint64]bool{}, hold: max(hold, 1),
+		next: 1, waiting: map[uint64]ackRequest{}, stuck: map[uint64]bool{}, hold: max(hold, 1),
 	}
 	return q
 }
 
 // settle hands a settled message over; it never blocks for long.
 func (q *acks) settle(m *message, ack, requeue bool, outcome string) {
-	q.requests <- ackRequest{ch: m.d.Acknowledger, tag: m.d.DeliveryTag, ack: ack, requeue: requeue, outcome: outcome}
+	q.requests <- ackRequest{m: m, ch: m.d.Acknowledger, tag: m.d.DeliveryTag, ack: ack, requeue: requeue, outcome: outcome}
 }
 
 // holding marks a message whose settlement waits on its copy: finished
@@ -133,22 +134,22 @@ func (q *acks) take(req ackRequest) {
 	}
 	delete(q.stuck, req.tag)
 	if !req.ack {
-		q.agent.recordSettle(req.ch.Nack(req.tag, false, req.requeue), req.outcome)
+		q.agent.recordSettle(req.ch.Nack(req.tag, false, req.requeue), req)
 		q.sent.add(req.tag)
 		return
 	}
-	q.waiting[req.tag] = req.outcome
+	q.waiting[req.tag] = req
 }
 
 // flush acks the run of settled tags from next upwards with one
 // multiple-ack; with all set, or when too many finished tags wait on a
 // gap, it acks those one by one.
 func (q *acks) flush(all bool) {
-	var outcomes []string
+	var settled []ackRequest
 	last := uint64(0)
 	for {
-		if o, ok := q.waiting[q.next]; ok {
-			outcomes = append(outcomes, o)
+		if req, ok := q.waiting[q.next]; ok {
+			settled = append(settled, req)
 			delete(q.waiting, q.next)
 			last = q.next
 		} else if len(q.sent) > 0 && q.sent[0].lo == q.next {
@@ -163,13 +164,13 @@ func (q *acks) flush(all bool) {
 	}
 	if last != 0 {
 		err := q.ch.Ack(last, true)
-		for _, o := range outcomes {
-			q.agent.recordSettle(err, o)
+		for _, req := range settled {
+			q.agent.recordSettle(err, req)
 		}
 	}
 	if all || len(q.waiting) >= q.hold || q.stuck[q.next] {
-		for tag, o := range q.waiting {
-			q.agent.recordSettle(q.ch.Ack(tag, false), o)
+		for tag, req := range q.waiting {
+			q.agent.recordSettle(q.ch.Ack(tag, false), req)
 			delete(q.waiting, tag)
 			q.sent.add(tag)
 		}

@@ -113,6 +113,12 @@ type Agent struct {
 	retryQueues map[string]time.Duration
 	// received counts deliveries over the agent's life.
 	received atomic.Int64
+	// leftovers remembers the messages handled by a session that ended
+	// before their acks went out; nil with auto_ack.
+	leftovers *leftovers
+	// unconfirmed groups a message with its retry copies whose confirm
+	// was lost; nil when the driver does not own retries.
+	unconfirmed *unconfirmed
 }
 
 // LogPrefix starts every log line about an agent, as Lura's components
@@ -158,6 +164,7 @@ func New(opts Options) (*Agent, error) {
 		a.opts.Session.DeadLetterExchange = a.opts.DeadLetter.Exchange
 		a.opts.Session.OnBlocked = a.onBlocked
 		a.retryQueues = consumer.RetryQueues(a.opts.Session.Queue, a.opts.Session.RetryDelays)
+		a.unconfirmed = newUnconfirmed(a.opts.Session.PrefetchCount, a.opts.Retry.DelayFor(math.MaxInt))
 	}
 	// Lura copies request headers as they are named: canonical, as
 	// net/http writes them, and worked out once, not per message.
@@ -175,6 +182,9 @@ func New(opts Options) (*Agent, error) {
 		a.limiter = rate.NewLimiter(rate.Limit(a.opts.MaxRate), 1)
 	}
 	a.keyOf = orderingKey(a.opts.OrderingKey)
+	if !a.opts.Session.AutoAck {
+		a.leftovers = newLeftovers(a.opts.Session.PrefetchCount)
+	}
 	if a.opts.BackPressure {
 		a.pressure = newPressure(a.opts.Workers, a.onPressure)
 	}

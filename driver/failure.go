@@ -185,9 +185,18 @@ func (a *Agent) retry(ctx context.Context, pub publisher, m *message, dec decisi
 	if dec.park != "" {
 		msg.Headers[HeaderParked] = dec.park
 	}
+	id := ""
+	if a.unconfirmed != nil {
+		id = a.unconfirmed.newID()
+		msg.Headers[HeaderCopyID] = id
+	}
 	ctx, cancel := copyContext(ctx, m)
 	defer cancel()
-	return pub.Publish(ctx, "", queue, fit(pub, msg))
+	err := pub.Publish(ctx, "", queue, fit(pub, msg))
+	if err != nil {
+		m.copyLost(id, err)
+	}
+	return err
 }
 
 // park sends a message whose dead letter the broker refuses to the

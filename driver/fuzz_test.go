@@ -385,3 +385,52 @@ func checkEvent(t *testing.T, e *event, h map[string][]string) {
 		}
 	}
 }
+
+// FuzzFingerprint: whatever a delivery holds, its fingerprint never
+// panics, and its redelivery (flag, tags, a quorum queue's delivery
+// counts) has the same one; another body has another. A retry copy back
+// from its queue has the content key of its message.
+func FuzzFingerprint(f *testing.F) {
+	fuzzSeeds(f)
+	a := fuzzAgent(5, config.DeadLetter{Queue: "dead"})
+	retryQueue := consumer.RetryQueue("work", a.opts.Session.RetryDelays[0])
+	f.Fuzz(func(t *testing.T, data []byte, back bool) {
+		in := &fuzzInput{b: data}
+		d := in.delivery(back, retryQueue)
+		key := fingerprint(d)
+		again := *d
+		again.Redelivered, again.DeliveryTag, again.ConsumerTag = !d.Redelivered, d.DeliveryTag+1, "other"
+		again.Headers = amqp.Table{"x-delivery-count": int64(in.byte()), "X-Acquired-Count": int32(in.byte())}
+		for k, v := range d.Headers {
+			if !skipped(k, redeliveryHeaders) {
+				again.Headers[k] = v
+			}
+		}
+		if fingerprint(&again) != key {
+			t.Fatal("a redelivery has another fingerprint")
+		}
+		other := *d
+		other.Body = append(append([]byte(nil), d.Body...), 'x')
+		if fingerprint(&other) == key {
+			t.Fatal("another body has the same fingerprint")
+		}
+		m := a.msg(d)
+		_, okExchange := name(m.exchange)
+		_, okKey := name(m.key)
+		if !okExchange || !okKey {
+			return // its copy comes back with the retry queue's origin
+		}
+		for k := range m.d.Headers {
+			if interpreted(k) && len(keptPrefix)+len(k) > maxNameLength {
+				return // dropped from the copy: not the same content
+			}
+		}
+		c := a.copyOf(m, 1, 0, "fuzz")
+		copied := &amqp.Delivery{Headers: c.Headers, ContentType: c.ContentType, ContentEncoding: c.ContentEncoding,
+			DeliveryMode: c.DeliveryMode, Priority: c.Priority, CorrelationId: c.CorrelationId, MessageId: c.MessageId,
+			Timestamp: c.Timestamp, Type: c.Type, AppId: c.AppId, Body: c.Body, DeliveryTag: 1}
+		if contentKey(a.msg(expiredFrom(copied, retryQueue))) != contentKey(m) {
+			t.Fatal("a retry copy back from its queue has another content key than its message")
+		}
+	})
+}

@@ -15,7 +15,7 @@ import (
 func (a *Agent) handle(ctx, bound context.Context, f *flow, d *amqp.Delivery) {
 	a.metrics.onReceived()
 	a.received.Add(1)
-	m := &message{d: d, exchange: d.Exchange, key: d.RoutingKey, bound: bound}
+	m := &message{d: d, raw: d, exchange: d.Exchange, key: d.RoutingKey, bound: bound}
 	if f.unreadable != nil {
 		m.unreadable, _ = f.unreadable(d.DeliveryTag)
 	}
@@ -72,6 +72,11 @@ func (a *Agent) failAfterPanic(ctx context.Context, f *flow, m *message, r resul
 func (a *Agent) process(ctx context.Context, f *flow, m *message) (string, result) {
 	if a.opts.Session.AutoAck {
 		return a.processAutoAcked(ctx, f, m)
+	}
+	// Handled before a cut lost its ack, or the same message as one
+	// handled since a cut lost its copy's confirm: not dispatched again.
+	if a.settledBefore(f, m) || a.settledInGroup(f, m) {
+		return m.outcome, result{ok: true}
 	}
 	if r, unfit := a.unfit(m); unfit {
 		a.stats.failed.Add(1)

@@ -289,6 +289,9 @@ func (h *held) close() {
 	close(h.stop)
 	<-h.done
 	n := h.count()
+	for _, c := range h.list {
+		h.agent.grouped(c.m, false) // back to the queue
+	}
 	for range n {
 		h.agent.metrics.onHeld(-1)
 		h.agent.metrics.onSettled(OutcomeUnsettled)

@@ -13,6 +13,7 @@ type stats struct {
 	failed         atomic.Int64 // failed dispatches
 	lastReason     atomic.Value // string
 	unsettled      atomic.Int64 // acks/nacks refused by a closed channel
+	leftovers      atomic.Int64 // redeliveries handled before a cut, not dispatched again
 	deadLettered   atomic.Int64
 	lastDeadLetter atomic.Value // string
 	exhausted      atomic.Int64 // out of attempts with no dead-letter set
@@ -68,6 +69,10 @@ func (a *Agent) report() {
 	}
 	if n := a.stats.unsettled.Swap(0); n > 0 {
 		a.log.Warning(n, "acks/nacks were refused on a closed channel; the broker redelivers those messages")
+	}
+	if n := a.stats.leftovers.Swap(0); n > 0 {
+		a.log.Info(fmt.Sprintf("%d messages were settled without a dispatch: handled before a connection cut lost their ack, "+
+			"or the same as a message handled since a cut lost the confirm of its retry copy", n))
 	}
 }
 

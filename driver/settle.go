@@ -16,7 +16,7 @@ type settler interface {
 type directSettler struct{ a *Agent }
 
 func (s directSettler) settle(m *message, ack, requeue bool, outcome string) {
-	s.a.recordSettle(settle(m.d, result{ok: ack}, !requeue), outcome)
+	s.a.recordSettle(settle(m.d, result{ok: ack}, !requeue), ackRequest{m: m, ack: ack, requeue: requeue, outcome: outcome})
 }
 
 func (directSettler) holding(*message) {}
@@ -83,18 +83,24 @@ func (a *Agent) settleAs(f *flow, m *message, r result, discard bool, outcome st
 		a.replyFailure(m, f) // given up on: its caller need not wait
 	}
 	m.outcome = outcome
+	a.grouped(m, r.ok || discard)
 	f.settler.settle(m, r.ok, !discard, outcome)
 	return outcome
 }
 
 // recordSettle counts a message's outcome, or counts it unsettled when
-// the channel refused the ack or nack: the broker then redelivers it.
-func (a *Agent) recordSettle(err error, outcome string) {
+// the channel refused the ack or nack: the broker then redelivers it. A
+// message refused after its handling was done (anything but a requeue)
+// is remembered, so that its redelivery is not dispatched again.
+func (a *Agent) recordSettle(err error, req ackRequest) {
 	if err != nil {
 		a.stats.unsettled.Add(1)
 		a.metrics.onSettled(OutcomeUnsettled)
 		a.log.Debug("ack/nack refused, the broker will redeliver:", err)
+		if req.ack || !req.requeue {
+			a.leftBehind(req.m, fate{ack: req.ack, outcome: req.outcome})
+		}
 		return
 	}
-	a.metrics.onSettled(outcome)
+	a.metrics.onSettled(req.outcome)
 }

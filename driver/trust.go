@@ -19,6 +19,9 @@ import (
 // worker takes it.
 type message struct {
 	d *amqp.Delivery
+	// raw is the delivery as received, before read restores a copy back
+	// from a retry queue: what a redelivery repeats (see leftovers.go).
+	raw *amqp.Delivery
 	// exchange and key are where the message was first published.
 	exchange, key string
 	// failed counts the failed dispatches of the message before this
@@ -50,6 +53,10 @@ type message struct {
 	// last is the failure the message is given up on, for its error
 	// reply.
 	last result
+	// unconfirmed are the ids of its retry copies whose publish failed
+	// but which may exist; group is the group it claimed (unconfirmed.go).
+	unconfirmed []lostCopy
+	group       *group
 	// bound ends when the dispatch and the copies of the message must
 	// end: at the shutdown bound, not when the agent begins to stop.
 	bound context.Context
