@@ -86,6 +86,14 @@ func (l *leftovers) add(key [32]byte, f fate) {
 	l.trim()
 }
 
+// forget drops every message remembered.
+func (l *leftovers) forget() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.order, l.byKey = nil, map[[32]byte][]*leftover{}
+	l.size.Store(0)
+}
+
 // take finds and forgets the oldest message left behind with this key.
 func (l *leftovers) take(key [32]byte) (fate, bool) {
 	l.mu.Lock()
@@ -157,7 +165,16 @@ func (a *Agent) leftBehind(m *message, f fate) {
 // whether it did.
 func (a *Agent) settledBefore(f *flow, m *message) bool {
 	l := a.leftovers
-	if l == nil || m.raw == nil || !m.raw.Redelivered || l.empty() {
+	if l == nil || m.raw == nil || l.empty() {
+		return false
+	}
+	if !m.raw.Redelivered {
+		// A queue hands back what a dead consumer left ahead of what it
+		// never delivered: once a first delivery comes, the cut's
+		// redeliveries to this agent have come, or went to another
+		// consumer. Forgetting them now keeps one that never comes back
+		// from standing in for a later message of the same content.
+		l.forget()
 		return false
 	}
 	earlier, ok := l.take(fingerprint(m.raw))

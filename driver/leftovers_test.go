@@ -304,3 +304,27 @@ func TestLeftoversExpireAndAreBounded(t *testing.T) {
 		t.Errorf("bound %d for prefetch 1000, want 4000", n)
 	}
 }
+
+// TestAFirstDeliveryEndsWhatACutLeft: once the next session gets a
+// message that is no redelivery, the cut's redeliveries have come (a
+// queue hands them back first), so what the cut left is forgotten: a
+// later redelivery of the same content is dispatched, never taken for
+// the one that never came back.
+func TestAFirstDeliveryEndsWhatACutLeft(t *testing.T) {
+	var calls atomic.Int64
+	gate := make(chan struct{})
+	a := cutAgent(&calls, &gate)
+	a.opts.Workers = 1
+	cutMidway(t, a, &calls, gate, order("1"))
+	if a.leftovers.empty() {
+		t.Fatal("the cut left nothing to remember")
+	}
+	acker := nextSession(a, order("2"), redelivered(order("1")))
+	if n := calls.Load(); n != 3 {
+		t.Errorf("%d dispatches, want 3: the redelivery after a first delivery was not dispatched", n)
+	}
+	if !a.leftovers.empty() {
+		t.Error("what the cut left is still remembered after a first delivery")
+	}
+	wantAcked(t, acker, 2)
+}
