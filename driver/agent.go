@@ -116,6 +116,9 @@ type Agent struct {
 	// leftovers remembers the messages handled by a session that ended
 	// before their acks went out; nil with auto_ack.
 	leftovers *leftovers
+	// sessionNumber numbers the sessions consumed, so that what a cut
+	// left is told from what the next session receives.
+	sessionNumber atomic.Uint64
 	// unconfirmed groups a message with its retry copies whose confirm
 	// was lost; nil when the driver does not own retries.
 	unconfirmed *unconfirmed

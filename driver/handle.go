@@ -15,7 +15,7 @@ import (
 func (a *Agent) handle(ctx, bound context.Context, f *flow, d *amqp.Delivery) {
 	a.metrics.onReceived()
 	a.received.Add(1)
-	m := &message{d: d, raw: d, exchange: d.Exchange, key: d.RoutingKey, bound: bound}
+	m := &message{d: d, raw: d, session: f.number, exchange: d.Exchange, key: d.RoutingKey, bound: bound}
 	if f.unreadable != nil {
 		m.unreadable, _ = f.unreadable(d.DeliveryTag)
 	}

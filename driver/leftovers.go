@@ -60,10 +60,11 @@ type leftovers struct {
 }
 
 type leftover struct {
-	key   [32]byte
-	fate  fate
-	at    time.Time
-	taken bool
+	key     [32]byte
+	fate    fate
+	at      time.Time
+	session uint64 // the number of the session that left it
+	taken   bool
 }
 
 // newLeftovers remembers up to four prefetch windows, at least
@@ -76,22 +77,30 @@ func newLeftovers(prefetch int) *leftovers {
 func (l *leftovers) empty() bool { return l.size.Load() == 0 }
 
 // add remembers one message left behind.
-func (l *leftovers) add(key [32]byte, f fate) {
+func (l *leftovers) add(key [32]byte, f fate, session uint64) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	e := &leftover{key: key, fate: f, at: l.now()}
+	e := &leftover{key: key, fate: f, at: l.now(), session: session}
 	l.order = append(l.order, e)
 	l.byKey[key] = append(l.byKey[key], e)
 	l.size.Add(1)
 	l.trim()
 }
 
-// forget drops every message remembered.
-func (l *leftovers) forget() {
+// forget drops the messages left by the sessions before this one. They
+// come first in order, and first in their key's list.
+func (l *leftovers) forget(session uint64) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	l.order, l.byKey = nil, map[[32]byte][]*leftover{}
-	l.size.Store(0)
+	for _, e := range l.order {
+		if e.session >= session {
+			break
+		}
+		if !e.taken {
+			l.drop(e)
+		}
+	}
+	l.trim()
 }
 
 // take finds and forgets the oldest message left behind with this key.
@@ -157,7 +166,7 @@ func (a *Agent) leftBehind(m *message, f fate) {
 	if a.leftovers == nil || m == nil || m.raw == nil {
 		return
 	}
-	a.leftovers.add(fingerprint(m.raw), f)
+	a.leftovers.add(fingerprint(m.raw), f, m.session)
 }
 
 // settledBefore settles, without a dispatch, a redelivery of a message
@@ -170,11 +179,13 @@ func (a *Agent) settledBefore(f *flow, m *message) bool {
 	}
 	if !m.raw.Redelivered {
 		// A queue hands back what a dead consumer left ahead of what it
-		// never delivered: once a first delivery comes, the cut's
-		// redeliveries to this agent have come, or went to another
-		// consumer. Forgetting them now keeps one that never comes back
-		// from standing in for a later message of the same content.
-		l.forget()
+		// never delivered: once a later session gets a first delivery,
+		// the cut's redeliveries to this agent have come, or went to
+		// another consumer. Forgetting them then keeps one that never
+		// comes back from standing in for a later message of the same
+		// content. (The dead session's own buffered deliveries, handed
+		// out after its cut, forget nothing.)
+		l.forget(m.session)
 		return false
 	}
 	earlier, ok := l.take(fingerprint(m.raw))

@@ -270,9 +270,9 @@ func TestLeftoversExpireAndAreBounded(t *testing.T) {
 		t.Fatalf("bound %d for prefetch 1, want %d", l.most, minLeftovers)
 	}
 	old, young := [32]byte{1}, [32]byte{2}
-	l.add(old, fate{ack: true, outcome: OutcomeAcked})
+	l.add(old, fate{ack: true, outcome: OutcomeAcked}, 1)
 	now = now.Add(leftoverTTL / 2)
-	l.add(young, fate{ack: true, outcome: OutcomeAcked})
+	l.add(young, fate{ack: true, outcome: OutcomeAcked}, 1)
 	now = now.Add(leftoverTTL/2 + time.Second)
 	if _, ok := l.take(old); ok {
 		t.Error("an entry older than leftoverTTL was taken")
@@ -286,7 +286,7 @@ func TestLeftoversExpireAndAreBounded(t *testing.T) {
 
 	nth := func(i int) [32]byte { return [32]byte{byte(i), byte(i >> 8), 7} }
 	for i := range minLeftovers + 10 {
-		l.add(nth(i), fate{ack: true, outcome: OutcomeAcked})
+		l.add(nth(i), fate{ack: true, outcome: OutcomeAcked}, 1)
 	}
 	if n := l.size.Load(); n != minLeftovers {
 		t.Fatalf("%d entries, want the bound %d", n, minLeftovers)
@@ -327,4 +327,27 @@ func TestAFirstDeliveryEndsWhatACutLeft(t *testing.T) {
 		t.Error("what the cut left is still remembered after a first delivery")
 	}
 	wantAcked(t, acker, 2)
+}
+
+// TestForgetKeepsTheSessionsOwn: a first delivery forgets what earlier
+// sessions left, never what its own session left (the dead session's
+// buffered deliveries are handed out after its cut, while its
+// in-flight dispatches are still being remembered).
+func TestForgetKeepsTheSessionsOwn(t *testing.T) {
+	l := newLeftovers(1)
+	l.add([32]byte{1}, fate{ack: true, outcome: OutcomeAcked}, 1)
+	l.add([32]byte{2}, fate{ack: true, outcome: OutcomeAcked}, 2)
+	l.add([32]byte{1}, fate{ack: true, outcome: OutcomeAcked}, 2)
+	l.forget(2)
+	if n := l.size.Load(); n != 2 {
+		t.Fatalf("%d entries after forgetting session 1's, want session 2's 2", n)
+	}
+	for _, k := range [][32]byte{{1}, {2}} {
+		if _, ok := l.take(k); !ok {
+			t.Errorf("session 2's entry %v was forgotten", k[0])
+		}
+	}
+	if _, ok := l.take([32]byte{1}); ok {
+		t.Error("session 1's entry was kept")
+	}
 }

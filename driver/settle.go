@@ -27,6 +27,8 @@ func (directSettler) holding(*message) {}
 // driver does not own retries).
 type flow struct {
 	session
+	// number counts the agent's sessions, from 1.
+	number  uint64
 	settler settler
 	held    *held
 	// unreadable tells whether the client library could not read a

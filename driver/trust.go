@@ -19,6 +19,8 @@ import (
 // worker takes it.
 type message struct {
 	d *amqp.Delivery
+	// session is the number of the session the delivery came on.
+	session uint64
 	// raw is the delivery as received, before read restores a copy back
 	// from a retry queue: what a redelivery repeats (see leftovers.go).
 	raw *amqp.Delivery

@@ -21,7 +21,7 @@ func (a *Agent) consume(ctx, bound context.Context, sess session, workers int) {
 		case <-live.Done():
 		}
 	}()
-	f := &flow{session: sess, settler: directSettler{a}, live: live}
+	f := &flow{session: sess, number: a.sessionNumber.Add(1), settler: directSettler{a}, live: live}
 	if u, ok := sess.(interface {
 		Unreadable(tag uint64) (string, bool)
 	}); ok {
