@@ -297,16 +297,19 @@ store() {
 	[[ $state == enabled ]] && echo khepri || echo mnesia
 }
 
-# use_store moves a fresh node's metadata to the store asked for. 4.0
-# marks khepri_db experimental and wants --experimental; later versions
-# refuse the flag.
+# use_store moves a fresh node's metadata to the store asked for, or
+# says why it cannot. 4.0 marks khepri_db experimental and wants
+# --experimental; later versions refuse the flag.
 use_store() {
 	case $METADATA in
-	mnesia) return ;;
-	khepri) ;;
+	khepri | mnesia) ;;
 	*) die "RABBITMQ4_METADATA is '$METADATA': use khepri or mnesia" ;;
 	esac
-	[[ $(store) == khepri ]] && return
+	local have
+	have=$(store)
+	[[ $have == "$METADATA" ]] && return
+	[[ $METADATA == khepri ]] ||
+		die "$NODE keeps its metadata in $have from the start: this RabbitMQ cannot run on Mnesia (unset RABBITMQ4_METADATA)"
 	in_tree rabbitmqctl -q enable_feature_flag khepri_db >/dev/null 2>&1 ||
 		in_tree rabbitmqctl -q enable_feature_flag --experimental khepri_db >&2 ||
 		die "could not enable the feature flag khepri_db on $NODE (set RABBITMQ4_METADATA=mnesia to run without Khepri)"
@@ -346,7 +349,7 @@ start() {
 		await_port
 		await_startup
 		use_store
-		log "$NODE up in $((SECONDS - started))s, metadata in $(store)"
+		log "$NODE up in $((SECONDS - started))s, metadata in $METADATA"
 	fi
 	echo "AMQP_URL=$AMQP_URL"
 }
