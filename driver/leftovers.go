@@ -166,7 +166,7 @@ func (a *Agent) leftBehind(m *message, f fate) {
 	if a.leftovers == nil || m == nil || m.raw == nil {
 		return
 	}
-	a.leftovers.add(fingerprint(m.raw), f, m.session)
+	a.leftovers.add(m.fingerprint(), f, m.session)
 }
 
 // settledBefore settles, without a dispatch, a redelivery of a message
@@ -188,7 +188,7 @@ func (a *Agent) settledBefore(f *flow, m *message) bool {
 		l.forget(m.session)
 		return false
 	}
-	earlier, ok := l.take(fingerprint(m.raw))
+	earlier, ok := l.take(m.fingerprint())
 	if !ok {
 		return false
 	}
@@ -198,6 +198,17 @@ func (a *Agent) settledBefore(f *flow, m *message) bool {
 	m.outcome = earlier.outcome
 	f.settler.settle(m, earlier.ack, false, earlier.outcome)
 	return true
+}
+
+// fingerprint is the fingerprint of the delivery as received, worked
+// out once: a redelivery may be looked up among what a cut left and
+// among the groups, then remembered again.
+func (m *message) fingerprint() [32]byte {
+	if m.fp == nil {
+		key := fingerprint(m.raw)
+		m.fp = &key
+	}
+	return *m.fp
 }
 
 // Headers a broker adds or changes when it delivers a message again.

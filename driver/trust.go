@@ -21,6 +21,8 @@ type message struct {
 	d *amqp.Delivery
 	// session is the number of the session the delivery came on.
 	session uint64
+	// fp is the fingerprint of raw once worked out (see leftovers.go).
+	fp *[32]byte
 	// raw is the delivery as received, before read restores a copy back
 	// from a retry queue: what a redelivery repeats (see leftovers.go).
 	raw *amqp.Delivery

@@ -136,7 +136,7 @@ func (u *unconfirmed) member(m *message) (skip bool) {
 		content = contentKey(m)
 	}
 	if m.raw.Redelivered {
-		key = fingerprint(m.raw)
+		key = m.fingerprint()
 	}
 	u.mu.Lock()
 	defer u.mu.Unlock()
@@ -193,7 +193,7 @@ func (u *unconfirmed) settled(m *message, handled bool) {
 		u.size.Add(1)
 	}
 	if !handled && m.raw != nil {
-		key := fingerprint(m.raw)
+		key := m.fingerprint()
 		u.byKey[key] = append(u.byKey[key], g)
 		u.size.Add(1)
 	}
